@@ -1,0 +1,1 @@
+from unimage_jax.attention.reference import reference_attention, visibility
