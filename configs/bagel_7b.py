@@ -1,0 +1,20 @@
+"""BAGEL-7B-MoT sizes (Qwen2-7B per expert, SigLIP so400m/14 with 26 layers, FLUX VAE latents)."""
+
+from unimage_jax.config_base import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model.update(
+      vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+      head_dim=128, mlp_dim=18944, rope_theta=1e6, rms_norm_eps=1e-6, param_dtype="bfloat16",
+      compute_dtype="bfloat16", remat_policy="full", attention_impl="auto",
+      autoencoder="flux_vae", latent_channels=16, max_latent_grid=64, timestep_shift=1.0,
+  )
+  c.model.vit.update(hidden_size=1152, num_layers=26, num_heads=16, mlp_dim=4304, patch_size=14)
+  c.data.update(image_size=512, und_len=12288, gen_len=4096, vit_len=2048, max_segments=256,
+                batch_size=128, tokenizer_path="artifacts/tokenizer/qwen2")
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  c.optim.update(learning_rate=2e-5, warmup_steps=2000, ema_decay=0.9999)
+  c.train.update(steps=100000, workdir="runs/bagel_7b")
+  return c

@@ -1,0 +1,128 @@
+"""Defaults shared by every config file in ``configs/``; each file overrides what differs.
+
+Keeping one place for field names means a typo in a sweep override fails loudly
+(ml_collections ConfigDicts are locked against unknown keys).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- model (DESIGN.md section 3)
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 1024
+  m.hidden_size = 128
+  m.num_layers = 2
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  m.head_dim = 32
+  m.mlp_dim = 384
+  m.rope_theta = 1_000_000.0
+  m.rms_norm_eps = 1e-6
+  m.qk_norm = True  # BAGEL's und/gen experts use per-head q/k RMSNorm
+  m.param_dtype = "float32"
+  m.compute_dtype = "bfloat16"
+  m.scan_layers = True
+  m.remat_policy = "none"  # none | full | dots_saveable | save_attention_out
+  m.attention_impl = "xla"  # xla | pallas_tpu | pallas_gpu | auto
+  m.attention_query_chunk = 1024  # reference attention: queries per score tile
+  m.ce_chunk = 2048  # tokens per logits chunk in the CE loss (no [L, vocab] tensor)
+  # image latents: "pixel" (exact space-to-depth stand-in, tiny configs) or "flux_vae"
+  m.autoencoder = "pixel"
+  m.pixel_downsample = 4
+  m.latent_channels = 48  # 16 for the FLUX VAE; 3 * pixel_downsample**2 for the pixel path
+  m.latent_patch_size = 2
+  m.max_latent_grid = 8  # G: latent_pos_embed has G*G entries
+  m.timestep_shift = 1.0  # s in shift(t) = s t / (1 + (s - 1) t)
+  # understanding images: SigLIP-style NaViT encoder + 2-layer GELU-tanh connector
+  v = m.vit = ml_collections.ConfigDict()
+  v.enabled = True
+  v.hidden_size = 64
+  v.num_layers = 2
+  v.num_heads = 2
+  v.mlp_dim = 128
+  v.patch_size = 8
+  v.max_patches_per_side = 70  # vit_pos_embed is [70*70, hidden]
+  v.layer_norm_eps = 1e-6
+
+  # ---------------------------------------------------------------- data (DESIGN.md section 6)
+  d = c.data = ml_collections.ConfigDict()
+  d.dataset = "storyworld"  # storyworld | storyboards
+  d.data_dir = "artifacts/data"
+  d.tokenizer_path = "artifacts/tokenizer/spm.model"
+  d.image_size = 32
+  d.batch_size = 8  # global packed rows per step
+  d.und_len = 512  # Lu
+  d.gen_len = 256  # Lg
+  d.vit_len = 64  # Nv
+  d.max_segments = 64
+  d.seed = 0
+  d.num_workers = 0
+  d.prefetch_buffer_size = 2
+  d.sqrt_length_loss_weighting = False
+  # task mixture (stage 1: interleaved only; stage 2: script + keyframe)
+  d.tasks = ml_collections.ConfigDict({"interleaved": 1.0, "script": 0.0, "keyframe": 0.0})
+  d.precontext_split_prob = 0.5
+  d.text_cond_dropout = 0.1
+  d.vit_cond_dropout = 0.3
+  d.vae_cond_dropout = 0.1
+  d.use_vit_context = False
+
+  # ---------------------------------------------------------------- loss
+  lo = c.loss = ml_collections.ConfigDict()
+  lo.ce_weight = 1.0
+  lo.mse_weight = 1.0
+
+  # ---------------------------------------------------------------- optimisation
+  o = c.optim = ml_collections.ConfigDict()
+  o.learning_rate = 1e-3
+  o.warmup_steps = 20
+  o.schedule = "cosine"  # cosine | constant | linear
+  o.min_lr_ratio = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-15
+  o.weight_decay = 0.0
+  o.grad_clip_norm = 1.0
+  o.ema_decay = 0.0  # 0 disables EMA
+  o.trainable = "all"  # all | und | gen (stage-2 parameter groups through optax masks)
+
+  # ---------------------------------------------------------------- training
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 200
+  t.seed = 0
+  t.log_every = 10
+  t.workdir = "runs/tiny"
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 3
+  t.grad_accum_steps = 1
+
+  # ---------------------------------------------------------------- mesh and sharding (section 8)
+  s = c.mesh = ml_collections.ConfigDict()
+  s.data = -1  # -1: whatever devices remain
+  s.fsdp = 1
+  s.tensor = 1
+  # logical axis -> mesh axes (MaxText-style rules); the first matching rule wins
+  c.logical_axis_rules = [
+      ("batch", ("data", "fsdp")),
+      ("layers", None),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+      ("mlp", "tensor"),
+      ("latent", None),
+      ("vit_embed", "fsdp"),
+      ("vit_mlp", "tensor"),
+      ("vit_heads", "tensor"),
+      ("vit_patch", None),
+      ("timestep", None),
+      ("norm", None),
+      ("length", None),
+  ]
+  return c
