@@ -1,0 +1,143 @@
+"""Config checks that run before anything is traced or compiled.
+
+Every problem is reported at once, each naming the config field (``config.model.num_heads``) and
+the offending value, so a sweep with an impossible override fails in milliseconds, not after a
+ten-minute TPU compile.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots_saveable", "save_attention_out")
+ATTENTION_IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "auto")
+AUTOENCODERS = ("pixel", "flux_vae")
+SCHEDULES = ("cosine", "constant", "linear")
+
+
+class ConfigError(ValueError):
+  """An invalid configuration; the message lists every offending field."""
+
+
+def _model_errors(m: ml_collections.ConfigDict) -> list[str]:
+  errors = []
+  positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim", "latent_channels", "latent_patch_size", "max_latent_grid", "ce_chunk",
+              "attention_query_chunk")
+  for name in positive:
+    if int(m[name]) <= 0:
+      errors.append(f"config.model.{name}={m[name]} must be positive")
+  if errors:
+    return errors
+  if m.num_heads % m.num_kv_heads:
+    errors.append(f"config.model.num_heads={m.num_heads} must be divisible by "
+                  f"config.model.num_kv_heads={m.num_kv_heads} (grouped-query attention)")
+  if m.hidden_size % m.num_heads:
+    errors.append(f"config.model.hidden_size={m.hidden_size} must be divisible by "
+                  f"config.model.num_heads={m.num_heads}")
+  if m.head_dim % 2:
+    errors.append(f"config.model.head_dim={m.head_dim} must be even (rotate-half RoPE)")
+  if m.hidden_size % 4:
+    errors.append(f"config.model.hidden_size={m.hidden_size} must be divisible by 4 (2D sin-cos embeddings)")
+  for name in ("param_dtype", "compute_dtype"):
+    if m[name] not in FLOAT_DTYPES:
+      errors.append(f"config.model.{name}={m[name]!r} must be one of {FLOAT_DTYPES}")
+  if m.remat_policy not in REMAT:
+    errors.append(f"config.model.remat_policy={m.remat_policy!r} must be one of {REMAT}")
+  if m.attention_impl not in ATTENTION_IMPLS:
+    errors.append(f"config.model.attention_impl={m.attention_impl!r} must be one of {ATTENTION_IMPLS}")
+  if m.autoencoder not in AUTOENCODERS:
+    errors.append(f"config.model.autoencoder={m.autoencoder!r} must be one of {AUTOENCODERS}")
+  elif m.autoencoder == "pixel" and m.latent_channels != 3 * m.pixel_downsample**2:
+    errors.append(f"config.model.latent_channels={m.latent_channels} must equal 3 * pixel_downsample**2 = "
+                  f"{3 * m.pixel_downsample**2} for the pixel autoencoder")
+  if m.rms_norm_eps <= 0:
+    errors.append(f"config.model.rms_norm_eps={m.rms_norm_eps} must be positive")
+  if m.timestep_shift <= 0:
+    errors.append(f"config.model.timestep_shift={m.timestep_shift} must be positive")
+  v = m.vit
+  if v.enabled:
+    for name in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size", "max_patches_per_side"):
+      if int(v[name]) <= 0:
+        errors.append(f"config.model.vit.{name}={v[name]} must be positive")
+    if v.num_heads > 0 and v.hidden_size % v.num_heads:
+      errors.append(f"config.model.vit.hidden_size={v.hidden_size} must be divisible by "
+                    f"config.model.vit.num_heads={v.num_heads}")
+  return errors
+
+
+def _data_errors(c: ml_collections.ConfigDict) -> list[str]:
+  d, m = c.data, c.model
+  errors = []
+  for name in ("und_len", "batch_size", "max_segments", "image_size"):
+    if int(d[name]) <= 0:
+      errors.append(f"config.data.{name}={d[name]} must be positive")
+  for name in ("gen_len", "vit_len"):
+    if int(d[name]) < 0:
+      errors.append(f"config.data.{name}={d[name]} must be >= 0")
+  if d.vit_len > d.und_len:
+    errors.append(f"config.data.vit_len={d.vit_len} cannot exceed config.data.und_len={d.und_len} "
+                  "(ViT tokens occupy und-buffer slots)")
+  if d.vit_len > 0 and not m.vit.enabled:
+    errors.append(f"config.data.vit_len={d.vit_len} needs config.model.vit.enabled=True")
+  if m.autoencoder == "pixel" and d.image_size > 0:
+    stride = m.pixel_downsample * m.latent_patch_size
+    if d.image_size % stride:
+      errors.append(f"config.data.image_size={d.image_size} must be divisible by pixel_downsample * "
+                    f"latent_patch_size = {stride}")
+    elif d.image_size // stride > m.max_latent_grid:
+      errors.append(f"config.data.image_size={d.image_size} gives a {d.image_size // stride}-patch latent "
+                    f"side, larger than config.model.max_latent_grid={m.max_latent_grid}")
+    elif (d.image_size // stride) ** 2 > d.gen_len:
+      errors.append(f"config.data.gen_len={d.gen_len} cannot hold one {d.image_size}px image "
+                    f"({(d.image_size // stride) ** 2} latent tokens)")
+  weights = {k: float(v) for k, v in d.tasks.items()}
+  if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+    errors.append(f"config.data.tasks={weights} must be non-negative with a positive sum")
+  for name in ("precontext_split_prob", "text_cond_dropout", "vit_cond_dropout", "vae_cond_dropout"):
+    if not 0.0 <= float(d[name]) <= 1.0:
+      errors.append(f"config.data.{name}={d[name]} must be a probability in [0, 1]")
+  return errors
+
+
+def _optim_errors(c: ml_collections.ConfigDict) -> list[str]:
+  o, t, lo = c.optim, c.train, c.loss
+  errors = []
+  if o.learning_rate <= 0:
+    errors.append(f"config.optim.learning_rate={o.learning_rate} must be positive")
+  if o.schedule not in SCHEDULES:
+    errors.append(f"config.optim.schedule={o.schedule!r} must be one of {SCHEDULES}")
+  for name in ("b1", "b2", "ema_decay"):
+    if not 0.0 <= float(o[name]) < 1.0:
+      errors.append(f"config.optim.{name}={o[name]} must be in [0, 1)")
+  if o.warmup_steps < 0:
+    errors.append(f"config.optim.warmup_steps={o.warmup_steps} must be >= 0")
+  if o.trainable not in ("all", "und", "gen"):
+    errors.append(f"config.optim.trainable={o.trainable!r} must be one of ('all', 'und', 'gen')")
+  if t.steps <= 0:
+    errors.append(f"config.train.steps={t.steps} must be positive")
+  if t.grad_accum_steps <= 0:
+    errors.append(f"config.train.grad_accum_steps={t.grad_accum_steps} must be positive")
+  if lo.ce_weight < 0 or lo.mse_weight < 0 or lo.ce_weight + lo.mse_weight == 0:
+    errors.append(f"config.loss weights (ce_weight={lo.ce_weight}, mse_weight={lo.mse_weight}) must be "
+                  "non-negative and not both zero")
+  return errors
+
+
+def validate_model_config(m: ml_collections.ConfigDict) -> None:
+  """Checks the ``model`` sub-config only (what building the network needs)."""
+  errors = _model_errors(m)
+  if errors:
+    raise ConfigError("invalid model config:\n  " + "\n  ".join(errors))
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+  """Checks the whole experiment config; raises ConfigError listing every problem."""
+  errors = _model_errors(c.model)
+  if not errors:
+    errors += _data_errors(c)
+  errors += _optim_errors(c)
+  if errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+

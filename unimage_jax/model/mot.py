@@ -1,0 +1,101 @@
+"""The Mixture-of-Transformers decoder: per layer an *und* and a *gen* expert, one joint attention.
+
+Layout (see ``unimage_jax.layout``): hidden states travel as two buffers, ``h_und [B, Lu, E]`` and
+``h_gen [B, Lg, E]``. In every layer each expert normalises and projects *only its own buffer*
+(dense, static shapes, zero wasted expert FLOPs); q/k/v of both buffers are concatenated along the
+length axis (``L = Lu + Lg``) for one attention call whose visibility comes from per-token
+metadata; the attention output is split back and each expert applies its own o_proj, residual,
+post-attention norm and MLP. Layers are stacked (leading ``layers`` axis on every parameter) and
+run with ``lax.scan`` so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from unimage_jax.attention import dispatch as attention_dispatch
+from unimage_jax.layout import TokenMeta
+from unimage_jax.model import layers, stacking
+from unimage_jax.model.positional import apply_rope
+
+
+
+class ExpertAttentionProj(nnx.Module):
+  """One expert's attention projections: q/k/v with bias, o without, per-head q/k RMSNorm."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, dtype: jnp.dtype, rngs: nnx.Rngs):
+    e, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(param_dtype=dtype, rngs=rngs)
+    self.q_proj = layers.Dense([e], [hq, d], ["embed"], ["heads", "head_dim"], use_bias=True, **kw)
+    self.k_proj = layers.Dense([e], [hkv, d], ["embed"], ["kv_heads", "head_dim"], use_bias=True, **kw)
+    self.v_proj = layers.Dense([e], [hkv, d], ["embed"], ["kv_heads", "head_dim"], use_bias=True, **kw)
+    self.o_proj = layers.Dense([hq, d], [e], ["heads", "head_dim"], ["embed"], use_bias=False, **kw)
+    self.q_norm = layers.RMSNorm(d, cfg.rms_norm_eps, "head_dim", dtype, rngs) if cfg.qk_norm else None
+    self.k_norm = layers.RMSNorm(d, cfg.rms_norm_eps, "head_dim", dtype, rngs) if cfg.qk_norm else None
+
+  def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array, dtype: jnp.dtype):
+    """x [B, l, E] -> q [B, l, Hq, D], k/v [B, l, Hkv, D] (q, k normed then rotated)."""
+    q, k, v = self.q_proj(x, dtype), self.k_proj(x, dtype), self.v_proj(x, dtype)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+class Expert(nnx.Module):
+  """All weights one expert owns in one layer (Qwen2 layer shapes)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", dtype, rngs)
+    self.self_attn = ExpertAttentionProj(cfg, dtype, rngs)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", dtype, rngs)
+    self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.mlp_dim, dtype, rngs)
+
+
+class MoTLayer(nnx.Module):
+  """One decoder layer: two experts, one joint attention over ``[und | gen]``."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.param_dtype)
+    self.und = Expert(cfg, dtype, rngs)
+    self.gen = nnx.clone(self.und)  # BAGEL initialises the gen expert as a copy of und
+
+  def __call__(self, h_und, h_gen, rope_und, rope_gen, meta: TokenMeta, cfg, compute_dtype):
+    """h_und [B, Lu, E], h_gen [B, Lg, E] -> same shapes."""
+    lu = h_und.shape[1]
+    q_u, k_u, v_u = self.und.self_attn.qkv(self.und.input_layernorm(h_und), *rope_und, compute_dtype)
+    q_g, k_g, v_g = self.gen.self_attn.qkv(self.gen.input_layernorm(h_gen), *rope_gen, compute_dtype)
+    cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+    attn = attention_dispatch.attention(
+        cat(q_u, q_g), cat(k_u, k_g), cat(v_u, v_g), meta,
+        impl=cfg.attention_impl, query_chunk=cfg.attention_query_chunk,
+    )  # [B, L, Hq, D]
+    attn = checkpoint_name(attn, "attention_out")
+    h_und = h_und + self.und.self_attn.o_proj(attn[:, :lu], compute_dtype).astype(h_und.dtype)
+    h_gen = h_gen + self.gen.self_attn.o_proj(attn[:, lu:], compute_dtype).astype(h_gen.dtype)
+    h_und = h_und + self.und.mlp(self.und.post_attention_layernorm(h_und), compute_dtype).astype(h_und.dtype)
+    h_gen = h_gen + self.gen.mlp(self.gen.post_attention_layernorm(h_gen), compute_dtype).astype(h_gen.dtype)
+    return h_und, h_gen
+
+
+class MoTDecoder(nnx.Module):
+  """``num_layers`` stacked MoT layers plus the final RMSNorm of each expert."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.layers = stacking.stack_modules(lambda r: MoTLayer(cfg, r), cfg.num_layers, rngs)
+    dtype = jnp.dtype(cfg.param_dtype)
+    self.norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", dtype, rngs)
+    self.norm_moe_gen = nnx.clone(self.norm)
+
+  def __call__(self, h_und, h_gen, rope_und, rope_gen, meta: TokenMeta):
+    """h_und [B, Lu, E], h_gen [B, Lg, E] -> final-normed hidden states of both buffers."""
+    cfg = self.cfg
+    compute_dtype = jnp.dtype(cfg.compute_dtype)
+    apply = lambda layer, carry: layer(*carry, rope_und, rope_gen, meta, cfg, compute_dtype)
+    h_und, h_gen = stacking.run_stacked(
+        self.layers, (h_und, h_gen), apply, scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
+    return self.norm(h_und), self.norm_moe_gen(h_gen)

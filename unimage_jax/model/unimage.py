@@ -1,0 +1,120 @@
+"""UniMAGE: the whole director network (embeddings, ViT path, latent path, MoT decoder, heads).
+
+One module, BAGEL's parameter semantics (DESIGN.md sections 3 and 10), used functionally under
+jit via ``nnx.split`` / ``nnx.merge``. Inputs follow the packed-row contract of
+``unimage_jax.layout``; the latent tokens are given already noised (the loss owns the noise).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from unimage_jax.layout import TokenMeta, token_meta
+from unimage_jax.model import layers
+from unimage_jax.model.mot import MoTDecoder
+from unimage_jax.model.positional import rope_tables, sincos_2d_table, timestep_sinusoid
+from unimage_jax.model.vit import SiglipVisionEncoder
+
+
+class FixedTable(nnx.Variable):
+  """A non-trainable table (the 2D sin-cos position embeddings); exported, never optimised."""
+
+
+class TimestepEmbedder(nnx.Module):
+  """256-dim sinusoid of the shifted timestep -> Linear, SiLU, Linear (keys ``mlp.0``/``mlp.2``)."""
+
+  FREQ_DIM = 256
+
+  def __init__(self, hidden: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+    kw = dict(use_bias=True, param_dtype=dtype, rngs=rngs)
+    self.mlp_0 = layers.Dense([self.FREQ_DIM], [hidden], ["timestep"], ["embed"], **kw)
+    self.mlp_2 = layers.Dense([hidden], [hidden], ["embed"], ["embed"], **kw)
+
+  def __call__(self, t: jax.Array, dtype) -> jax.Array:
+    return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_sinusoid(t, self.FREQ_DIM), dtype)), dtype)
+
+
+class Connector(nnx.Module):
+  """ViT features -> LLM width: ``fc2(gelu_tanh(fc1(x)))``."""
+
+  def __init__(self, vit_hidden: int, hidden: int, dtype: jnp.dtype, rngs: nnx.Rngs):
+    kw = dict(use_bias=True, param_dtype=dtype, rngs=rngs)
+    self.fc1 = layers.Dense([vit_hidden], [hidden], ["vit_embed"], ["embed"], **kw)
+    self.fc2 = layers.Dense([hidden], [hidden], ["embed"], ["embed"], **kw)
+
+  def __call__(self, x, dtype):
+    return self.fc2(jax.nn.gelu(self.fc1(x, dtype), approximate=True), dtype)
+
+
+def latent_token_dim(cfg: ml_collections.ConfigDict) -> int:
+  return cfg.latent_channels * cfg.latent_patch_size**2
+
+
+class UniMAGE(nnx.Module):
+  """The MoT director. ``cfg`` is the ``model`` sub-config."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype = jnp.dtype(cfg.param_dtype)
+    e, dl = cfg.hidden_size, latent_token_dim(cfg)
+    self.embed_tokens = layers.make_param(rngs, layers.normal_init, [cfg.vocab_size, e], ["vocab", "embed"], dtype)
+    self.decoder = MoTDecoder(cfg, rngs)
+    self.lm_head = layers.Dense([e], [cfg.vocab_size], ["embed"], ["vocab"], use_bias=False,
+                                param_dtype=dtype, rngs=rngs)
+    self.vae2llm = layers.Dense([dl], [e], ["latent"], ["embed"], use_bias=True, param_dtype=dtype, rngs=rngs)
+    self.llm2vae = layers.Dense([e], [dl], ["embed"], ["latent"], use_bias=True, param_dtype=dtype,
+                                rngs=rngs, kernel_init=layers.zeros_init)
+    self.time_embedder = TimestepEmbedder(e, dtype, rngs)
+    self.latent_pos_embed = FixedTable(jnp.asarray(sincos_2d_table(e, cfg.max_latent_grid), dtype),
+                                       logical_axes=(None, "embed"))
+    if cfg.vit.enabled:
+      self.vit_model = SiglipVisionEncoder(cfg.vit, cfg.param_dtype, cfg.scan_layers, rngs)
+      self.connector = Connector(cfg.vit.hidden_size, e, dtype, rngs)
+      self.vit_pos_embed = FixedTable(
+          jnp.asarray(sincos_2d_table(e, cfg.vit.max_patches_per_side), dtype), logical_axes=(None, "embed"))
+    else:
+      self.vit_model = self.connector = self.vit_pos_embed = None
+
+  # ------------------------------------------------------------------ embeddings
+  def embed_und(self, batch) -> jax.Array:
+    """Text tokens, with ViT tokens scattered into their und slots: ``[B, Lu, E]``."""
+    dtype = jnp.dtype(self.cfg.compute_dtype)
+    h = jnp.take(self.embed_tokens[...], batch["und_token_ids"], axis=0).astype(dtype)
+    if self.vit_model is not None and batch["vit_patches"].shape[1] > 0:
+      feats = self.vit_model(batch["vit_patches"], batch["vit_pos_ids"], batch["vit_image_ids"], dtype,
+                             self.cfg.remat_policy)
+      vit_tok = self.connector(feats, dtype)
+      vit_tok = vit_tok + jnp.take(self.vit_pos_embed[...], batch["vit_pos_ids"], axis=0).astype(dtype)
+      h = jax.vmap(lambda row, dest, tok: row.at[dest].set(tok, mode="drop"))(h, batch["vit_dest"], vit_tok)
+    return h
+
+  def embed_gen(self, latents: jax.Array, timesteps: jax.Array, latent_pos: jax.Array) -> jax.Array:
+    """``vae2llm(x_t) + time_embed(t) + latent_pos_embed[pos]``: ``[B, Lg, E]``."""
+    dtype = jnp.dtype(self.cfg.compute_dtype)
+    h = self.vae2llm(latents, dtype) + self.time_embedder(timesteps, dtype)
+    return h + jnp.take(self.latent_pos_embed[...], latent_pos, axis=0).astype(dtype)
+
+  # ------------------------------------------------------------------ forward
+  def __call__(self, batch, noisy_latents: jax.Array, timesteps: jax.Array):
+    """Packed row -> (und hidden ``[B, Lu, E]`` after the final norm, velocity ``[B, Lg, Dl]``).
+
+    ``noisy_latents [B, Lg, Dl]`` replace ``batch['gen_latents']`` (clean tokens pass unchanged);
+    ``timesteps [B, Lg]`` are the shifted t of each latent token (0 for clean tokens).
+    """
+    cfg = self.cfg
+    h_und = self.embed_und(batch)
+    h_gen = self.embed_gen(noisy_latents, timesteps, batch["gen_latent_pos"])
+    rope_und = rope_tables(batch["und_positions"], cfg.head_dim, cfg.rope_theta)
+    rope_gen = rope_tables(batch["gen_positions"], cfg.head_dim, cfg.rope_theta)
+    meta = TokenMeta(*(jnp.concatenate([u, g], axis=1)
+                       for u, g in zip(token_meta(batch, "und"), token_meta(batch, "gen"))))
+    h_und, h_gen = self.decoder(h_und, h_gen, rope_und, rope_gen, meta)
+    velocity = self.llm2vae(h_gen, jnp.dtype(cfg.compute_dtype)).astype(jnp.float32)
+    return h_und, velocity
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """``[..., E] -> [..., V]`` in fp32 (untied lm_head)."""
+    return self.lm_head(hidden, jnp.dtype(self.cfg.compute_dtype)).astype(jnp.float32)
