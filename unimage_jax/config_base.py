@@ -89,7 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.0
   o.grad_clip_norm = 1.0
   o.ema_decay = 0.0  # 0 disables EMA
-  o.trainable = "all"  # all | und | gen (stage-2 parameter groups through optax masks)
+  # parameter groups that do not train (optax masks): und_expert, gen_expert, embeddings, lm_head,
+  # latent_io, connector, vit (see unimage_jax/training/optimizer.py)
+  o.frozen_groups = ["vit"]
 
   # ---------------------------------------------------------------- training
   t = c.train = ml_collections.ConfigDict()
@@ -100,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
   t.grad_accum_steps = 1
+  t.nonfinite = "skip"  # skip: drop the update and count it | stop: abort with a message
 
   # ---------------------------------------------------------------- mesh and sharding (section 8)
   s = c.mesh = ml_collections.ConfigDict()

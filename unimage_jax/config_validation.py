@@ -14,6 +14,7 @@ REMAT = ("none", "full", "dots_saveable", "save_attention_out")
 ATTENTION_IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "auto")
 AUTOENCODERS = ("pixel", "flux_vae")
 SCHEDULES = ("cosine", "constant", "linear")
+PARAM_GROUPS = ("und_expert", "gen_expert", "embeddings", "lm_head", "latent_io", "connector", "vit")
 
 
 class ConfigError(ValueError):
@@ -113,12 +114,18 @@ def _optim_errors(c: ml_collections.ConfigDict) -> list[str]:
       errors.append(f"config.optim.{name}={o[name]} must be in [0, 1)")
   if o.warmup_steps < 0:
     errors.append(f"config.optim.warmup_steps={o.warmup_steps} must be >= 0")
-  if o.trainable not in ("all", "und", "gen"):
-    errors.append(f"config.optim.trainable={o.trainable!r} must be one of ('all', 'und', 'gen')")
+  unknown = sorted(set(o.frozen_groups) - set(PARAM_GROUPS))
+  if unknown:
+    errors.append(f"config.optim.frozen_groups has unknown groups {unknown}; known: {PARAM_GROUPS}")
   if t.steps <= 0:
     errors.append(f"config.train.steps={t.steps} must be positive")
   if t.grad_accum_steps <= 0:
     errors.append(f"config.train.grad_accum_steps={t.grad_accum_steps} must be positive")
+  elif c.data.batch_size % t.grad_accum_steps:
+    errors.append(f"config.data.batch_size={c.data.batch_size} must be divisible by "
+                  f"config.train.grad_accum_steps={t.grad_accum_steps}")
+  if t.nonfinite not in ("skip", "stop"):
+    errors.append(f"config.train.nonfinite={t.nonfinite!r} must be 'skip' or 'stop'")
   if lo.ce_weight < 0 or lo.mse_weight < 0 or lo.ce_weight + lo.mse_weight == 0:
     errors.append(f"config.loss weights (ce_weight={lo.ce_weight}, mse_weight={lo.mse_weight}) must be "
                   "non-negative and not both zero")

@@ -107,3 +107,21 @@ def combine(sums: LossSums, loss_cfg: ml_collections.ConfigDict, totals: LossSum
   loss = loss_cfg.ce_weight * ce + loss_cfg.mse_weight * mse
   metrics = {"loss": loss, "ce": ce, "mse": mse, "ce_tokens": sums.ce_tokens, "mse_tokens": sums.mse_tokens}
   return loss, metrics
+
+
+def batch_normalizers(batch) -> LossSums:
+  """Global CE weight and noised-token counts, read from the batch metadata before any forward.
+
+  Computed once per step over the whole (global) batch, so micro-batches of gradient
+  accumulation and data-parallel shards all divide by the same numbers.
+  """
+  has_label = batch["und_labels"] != layout.IGNORE_LABEL
+  noised = batch["gen_segment_kinds"] == layout.KIND_NOISE
+  zero = jnp.zeros((), jnp.float32)
+  return LossSums(
+      ce_sum=zero,
+      ce_weight=jnp.sum(jnp.where(has_label, batch["und_loss_weights"], 0.0)),
+      ce_tokens=jnp.sum(has_label).astype(jnp.float32),
+      mse_sum=zero,
+      mse_tokens=jnp.sum(noised).astype(jnp.float32),
+  )

@@ -1,0 +1,1 @@
+"""Training: optimizer, sharded step, checkpoints, metrics and the loop."""
