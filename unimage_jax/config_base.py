@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data (DESIGN.md section 6)
   d = c.data = ml_collections.ConfigDict()
-  d.dataset = "storyworld"  # storyworld | storyboards
+  d.dataset = "storyworld"  # storyworld | storyboards | synthetic (in-memory random rows)
+  d.synthetic_pool = 4  # distinct batches cycled by the synthetic source
   d.data_dir = "artifacts/data"
   d.tokenizer_path = "artifacts/tokenizer/spm.model"
   d.image_size = 32

@@ -1,0 +1,115 @@
+"""Exact resume after SIGKILL, corrupt-checkpoint fallback, restore onto other meshes, mesh refusal."""
+
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from unimage_jax import sharding
+from unimage_jax.config_validation import ConfigError
+from unimage_jax.training import checkpointing, loop
+from unimage_jax.training import optimizer as opt_lib
+from unimage_jax.training import state as state_lib
+from unimage_jax.training.metrics import read_metrics
+from unimage_jax.model import functional
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _train_cmd(workdir, steps=8):
+  return [sys.executable, "tools/train.py", "--config=tests/micro_config.py", f"--workdir={workdir}",
+          f"--config.train.steps={steps}", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+          "--config.mesh.data=1"]
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)  # one CPU device per process
+  return env
+
+
+def test_sigkill_resume_reproduces_losses_bitwise(tmp_path):
+  ref, killed = tmp_path / "ref", tmp_path / "killed"
+  subprocess.run(_train_cmd(ref), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
+  kill_at = random.Random().randint(3, 6)
+  proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  metrics = killed / "metrics.jsonl"
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  subprocess.run(_train_cmd(killed), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
+  a = {m["step"]: (m["loss"], m["ce"], m["mse"]) for m in read_metrics(str(ref))}
+  b = {m["step"]: (m["loss"], m["ce"], m["mse"]) for m in read_metrics(str(killed))}
+  assert sorted(a) == sorted(b) == list(range(1, 9))
+  assert a == b  # bitwise: same floats, same data order
+
+
+def _train_in_process(config, workdir, devices, steps):
+  config.train.update(workdir=str(workdir), steps=steps, checkpoint_every=2)
+  return loop.train(config, devices=devices)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path, caplog):
+  _train_in_process(tiny_config, tmp_path, jax.devices()[:1], steps=4)
+  ckpt_dir = tmp_path / "checkpoints"
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [2, 4]
+  # truncate every data file of the latest step's params
+  for f in (ckpt_dir / "4" / "params").rglob("*"):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
+  mesh = sharding.make_mesh(tiny_config.mesh, jax.devices()[:1])
+  tx = opt_lib.make_optimizer(tiny_config, functional.abstract_params(tiny_config.model)[0])
+  abstract = state_lib.abstract_state(tiny_config, tx)
+  ckpt = checkpointing.Checkpointer(str(ckpt_dir), tiny_config)
+  restored = ckpt.restore_latest(abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
+  ckpt.close()
+  assert restored.step == 2
+  # resuming the run recomputes steps 3-4 from the good checkpoint
+  last = _train_in_process(tiny_config, tmp_path, jax.devices()[:1], steps=4)
+  assert last["step"] == 4
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 host devices")
+def test_restore_onto_a_different_mesh(tiny_config, tmp_path):
+  tiny_config.data.batch_size = 4
+  tiny_config.mesh.update(data=2, fsdp=2, tensor=2)
+  _train_in_process(tiny_config, tmp_path, jax.devices()[:8], steps=2)
+  tx = opt_lib.make_optimizer(tiny_config, functional.abstract_params(tiny_config.model)[0])
+  abstract = state_lib.abstract_state(tiny_config, tx)
+  results = []
+  for n, mesh_cfg in ((8, dict(data=2, fsdp=2, tensor=2)), (1, dict(data=1, fsdp=1, tensor=1)),
+                      (4, dict(data=1, fsdp=2, tensor=2))):
+    tiny_config.mesh.update(**mesh_cfg)
+    mesh = sharding.make_mesh(tiny_config.mesh, jax.devices()[:n])
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), tiny_config)
+    restored = ckpt.restore_latest(abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
+    ckpt.close()
+    q = restored.state.params["decoder"]["layers"]["und"]["mlp"]["up_proj"]["kernel"]
+    assert q.sharding.mesh.size == n
+    results.append(jax.tree.map(np.asarray, (restored.state.params, restored.state.opt_state)))
+  for other in results[1:]:
+    jax.tree.map(np.testing.assert_array_equal, results[0], other)
+
+
+def test_mesh_mismatch_is_refused_before_compiling(tiny_config):
+  tiny_config.mesh.update(data=3, fsdp=1, tensor=1)
+  with pytest.raises(ConfigError, match=r"has 3 devices but 1 are available"):
+    sharding.make_mesh(tiny_config.mesh, jax.devices()[:1])
+  if len(jax.devices()) >= 8:
+    tiny_config.mesh.update(data=1, fsdp=1, tensor=8)
+    mesh = sharding.make_mesh(tiny_config.mesh, jax.devices()[:8])
+    with pytest.raises(ConfigError, match=r"config.model.num_heads=4 is not divisible by config.mesh.tensor=8"):
+      sharding.check_mesh_compatible(tiny_config, mesh)

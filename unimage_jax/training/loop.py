@@ -1,0 +1,119 @@
+"""The training loop: validate, build mesh/state/data, restore or init, compile once, run, checkpoint."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from unimage_jax import sharding
+from unimage_jax.config_validation import ConfigError, validate_config
+from unimage_jax.model import functional
+from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib
+from unimage_jax.training import optimizer as opt_lib
+from unimage_jax.training import state as state_lib
+from unimage_jax.training import step as step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised with ``train.nonfinite='stop'`` when a step had a non-finite loss or gradient."""
+
+
+def _progress(total: int, initial: int):
+  if jax.process_index() != 0:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
+  """Runs ``config.train.steps`` steps in ``config.train.workdir``; returns the last logged metrics."""
+  validate_config(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_mesh_compatible(config, mesh)
+  workdir = config.train.workdir
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  mdef = functional.model_def(config.model)
+  abstract_params, _ = functional.abstract_params(config.model)
+  optimizer = opt_lib.make_optimizer(config, abstract_params)
+  abstract = state_lib.abstract_state(config, optimizer)
+  shardings = state_lib.state_shardings(config, abstract, mesh)
+  data = data_source.make_data_iterator(config, mesh)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config)
+  ckpt.install_sigterm_handler()
+  restored = ckpt.restore_latest(abstract, shardings, data)
+  if restored is None:
+    state = state_lib.init_state(config, optimizer, shardings)
+    start = 0
+  else:
+    state, start = restored.state, restored.step
+    logging.info("resumed from step %d (data position restored: %s)", start, restored.data_restored)
+    if not restored.data_restored:
+      logging.warning("checkpoint step %d has no data-iterator state: data order restarts", start)
+
+  batch_shardings = {k: v.sharding for k, v in data_source.batch_spec(config, mesh).items()}
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, optimizer), shardings, batch_shardings)
+  t0 = time.time()
+  compiled = train_step.lower(state, data_source.batch_spec(config, mesh)).compile()
+  logging.info("train step compiled in %.1fs", time.time() - t0)
+  flops = metrics_lib.compiled_flops(compiled)
+  flops_per_device = flops if flops else metrics_lib.analytic_flops_per_step(config) / mesh.size
+  peak = metrics_lib.peak_flops(mesh.devices.flat[0])
+  tokens_per_step = config.data.batch_size * (config.data.und_len + config.data.gen_len)
+
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  bar = _progress(config.train.steps, start)
+  last: dict[str, Any] = {}
+  skipped_seen = int(state.skipped)
+  window_start, window_steps = time.time(), 0
+  try:
+    for step in range(start, config.train.steps):
+      batch = next(data)
+      state, metrics = compiled(state, batch)
+      window_steps += 1
+      done = step + 1
+      if done % config.train.log_every == 0 or done == config.train.steps:
+        fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.time() - window_start
+        step_time = elapsed / window_steps
+        fetched.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
+        if peak:
+          fetched["mfu"] = flops_per_device / step_time / peak
+        writer.write(done, fetched)
+        last = dict(fetched, step=done)
+        if bar is not None:
+          bar.update(window_steps)
+          bar.set_postfix(loss=f"{fetched['loss']:.4f}", ce=f"{fetched['ce']:.3f}", mse=f"{fetched['mse']:.3f}")
+        if config.train.nonfinite == "stop" and fetched["skipped"] > skipped_seen:
+          raise NonFiniteLossError(
+              f"non-finite loss or gradient between steps {done - window_steps + 1} and {done} "
+              f"(loss={fetched['loss']}, grad_norm={fetched['grad_norm']}); set config.train.nonfinite='skip' "
+              "to skip such steps instead")
+        skipped_seen = int(fetched["skipped"])
+        window_start, window_steps = time.time(), 0
+      if config.train.checkpoint_every and done % config.train.checkpoint_every == 0:
+        ckpt.save(state, data)
+      if ckpt.should_stop(done):
+        logging.warning("stopping at step %d on preemption; saving", done)
+        ckpt.save(state, data, force=True)
+        break
+    else:
+      ckpt.save(state, data, force=True)
+  finally:
+    ckpt.close()
+    writer.close()
+    if bar is not None:
+      bar.close()
+  return last
+
+
+__all__ = ["train", "NonFiniteLossError", "ConfigError"]

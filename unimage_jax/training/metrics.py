@@ -1,0 +1,105 @@
+"""Step metrics: JSONL + TensorBoard event files, throughput and MFU.
+
+MFU uses the FLOPs XLA counts for the compiled (per-device, SPMD-partitioned) step when the
+backend reports them, else the analytic count ``6 * active params * tokens`` + attention, divided
+by the device's peak dense bf16 FLOP/s from the table below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+# Peak dense bf16 FLOP/s per device (chip) by jax ``device_kind`` prefix.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return PEAK_FLOPS[prefix]
+  return None
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs per device of a compiled executable, if the backend's cost analysis has them."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def analytic_flops_per_step(config: ml_collections.ConfigDict) -> float:
+  """Forward+backward FLOPs of one global step: 6 N per token per expert + attention scores."""
+  m, d = config.model, config.data
+  e, f, hq, hkv, hd = m.hidden_size, m.mlp_dim, m.num_heads, m.num_kv_heads, m.head_dim
+  per_layer = e * hq * hd * 2 + e * hkv * hd * 2 + 3 * e * f  # q, o, k, v, mlp (one expert)
+  tokens = d.batch_size * (d.und_len + d.gen_len)
+  dense = 6 * tokens * m.num_layers * per_layer + 6 * d.batch_size * d.und_len * e * m.vocab_size
+  seq = d.und_len + d.gen_len
+  attention = 6 * d.batch_size * m.num_layers * hq * hd * seq * seq  # causal-ish upper bound / 2 * 2
+  return float(dense + attention)
+
+
+class MetricsWriter:
+  """Appends one JSON line per logged step and mirrors scalars to TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, *, resume_step: int = 0):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._truncate_after(resume_step)
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _truncate_after(self, step: int) -> None:
+    """A resumed run recomputes steps after its checkpoint: drop their old lines first."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": step, **{k: (float(v) if not isinstance(v, str) else v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step" and isinstance(v, float):
+        self.tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
