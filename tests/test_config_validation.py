@@ -1,0 +1,41 @@
+"""Impossible configs are refused before anything is traced, naming every offending field."""
+
+import pytest
+
+from unimage_jax.config_loading import load_config
+from unimage_jax.config_validation import ConfigError, validate_config
+
+
+@pytest.mark.parametrize("path", ["configs/tiny.py", "configs/mot_1b.py", "configs/bagel_7b.py"])
+def test_shipped_configs_are_valid(path):
+  validate_config(load_config(path))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.num_kv_heads": 3}, "config.model.num_heads=4 must be divisible by config.model.num_kv_heads=3"),
+    ({"model.hidden_size": 130}, "config.model.hidden_size=130 must be divisible by config.model.num_heads=4"),
+    ({"model.head_dim": 33}, "config.model.head_dim=33 must be even"),
+    ({"model.compute_dtype": "float8"}, "config.model.compute_dtype='float8' must be one of"),
+    ({"model.remat_policy": "some"}, "config.model.remat_policy='some'"),
+    ({"model.attention_impl": "cuda"}, "config.model.attention_impl='cuda'"),
+    ({"model.latent_channels": 16}, "must equal 3 * pixel_downsample**2"),
+    ({"data.vit_len": 4096}, "config.data.vit_len=4096 cannot exceed config.data.und_len"),
+    ({"data.image_size": 30}, "config.data.image_size=30 must be divisible by"),
+    ({"data.image_size": 128}, "larger than config.model.max_latent_grid"),
+    ({"data.gen_len": 8}, "config.data.gen_len=8 cannot hold one"),
+    ({"data.text_cond_dropout": 1.5}, "config.data.text_cond_dropout=1.5 must be a probability"),
+    ({"optim.learning_rate": -1.0}, "config.optim.learning_rate=-1.0 must be positive"),
+    ({"optim.frozen_groups": ["vision"]}, "unknown groups ['vision']"),
+    ({"train.grad_accum_steps": 3}, "must be divisible by config.train.grad_accum_steps=3"),
+    ({"model.vocab_size": 0}, "config.model.vocab_size=0 must be positive"),
+])
+def test_bad_values_are_named(overrides, message):
+  with pytest.raises(ConfigError) as e:
+    validate_config(load_config("configs/tiny.py", overrides))
+  assert message in str(e.value)
+
+
+def test_all_problems_reported_at_once():
+  with pytest.raises(ConfigError) as e:
+    validate_config(load_config("configs/tiny.py", {"model.num_kv_heads": 3, "optim.learning_rate": 0.0}))
+  assert "num_kv_heads" in str(e.value) and "learning_rate" in str(e.value)

@@ -1,0 +1,36 @@
+"""A sweep over two learning rates produces its results table."""
+
+import csv
+import os
+import pathlib
+import subprocess
+import sys
+
+from unimage_jax import sweeps
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_grid_and_list_sweeps_expand(tmp_path):
+  grid = tmp_path / "grid.py"
+  grid.write_text("def get_sweep():\n  return {'grid': {'optim.learning_rate': [1, 2], 'train.seed': [0, 1, 2]}}\n")
+  trials = sweeps.load_trials(str(grid))
+  assert len(trials) == 6 and trials[0] == {"optim.learning_rate": 1, "train.seed": 0}
+  listed = tmp_path / "list.py"
+  listed.write_text("def get_sweep():\n  return [{'a.b': 1}, {'a.b': 2, 'c.d': 'x'}]\n")
+  assert sweeps.load_trials(str(listed))[1] == {"a.b": 2, "c.d": "x"}
+
+
+def test_two_learning_rate_sweep_writes_table(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run(
+      [sys.executable, "tools/sweep.py", "--config=tests/micro_config.py", "--sweep=sweeps/learning_rate.py",
+       f"--workdir={tmp_path}", "--override=train.steps=2", "--parallel=2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [float(r["optim.learning_rate"]) for r in rows] == [1e-3, 3e-3]
+  assert all(r["status"] == "ok" and int(r["step"]) == 2 and float(r["loss"]) > 0 for r in rows)
+  assert "| trial | optim.learning_rate |" in (tmp_path / "results.md").read_text()
