@@ -63,22 +63,43 @@ class MoTLayer(nnx.Module):
     self.und = Expert(cfg, dtype, rngs)
     self.gen = nnx.clone(self.und)  # BAGEL initialises the gen expert as a copy of und
 
-  def __call__(self, h_und, h_gen, rope_und, rope_gen, meta: TokenMeta, cfg, compute_dtype):
-    """h_und [B, Lu, E], h_gen [B, Lg, E] -> same shapes."""
-    lu = h_und.shape[1]
-    q_u, k_u, v_u = self.und.self_attn.qkv(self.und.input_layernorm(h_und), *rope_und, compute_dtype)
-    q_g, k_g, v_g = self.gen.self_attn.qkv(self.gen.input_layernorm(h_gen), *rope_gen, compute_dtype)
+  def _qkv(self, h_und, h_gen, rope_und, rope_gen, dtype):
+    """Each expert projects only its own buffer; results are concatenated along length."""
+    q_u, k_u, v_u = self.und.self_attn.qkv(self.und.input_layernorm(h_und), *rope_und, dtype)
+    q_g, k_g, v_g = self.gen.self_attn.qkv(self.gen.input_layernorm(h_gen), *rope_gen, dtype)
     cat = lambda a, b: jnp.concatenate([a, b], axis=1)
-    attn = attention_dispatch.attention(
-        cat(q_u, q_g), cat(k_u, k_g), cat(v_u, v_g), meta,
-        impl=cfg.attention_impl, query_chunk=cfg.attention_query_chunk,
-    )  # [B, L, Hq, D]
+    return cat(q_u, q_g), cat(k_u, k_g), cat(v_u, v_g)  # [B, Lu+Lg, H, D]
+
+  def _finish(self, h_und, h_gen, attn, dtype):
+    """Per-expert o_proj, residual, post-attention norm and MLP on the attention output."""
+    lu = h_und.shape[1]
     attn = checkpoint_name(attn, "attention_out")
-    h_und = h_und + self.und.self_attn.o_proj(attn[:, :lu], compute_dtype).astype(h_und.dtype)
-    h_gen = h_gen + self.gen.self_attn.o_proj(attn[:, lu:], compute_dtype).astype(h_gen.dtype)
-    h_und = h_und + self.und.mlp(self.und.post_attention_layernorm(h_und), compute_dtype).astype(h_und.dtype)
-    h_gen = h_gen + self.gen.mlp(self.gen.post_attention_layernorm(h_gen), compute_dtype).astype(h_gen.dtype)
+    h_und = h_und + self.und.self_attn.o_proj(attn[:, :lu], dtype).astype(h_und.dtype)
+    h_gen = h_gen + self.gen.self_attn.o_proj(attn[:, lu:], dtype).astype(h_gen.dtype)
+    h_und = h_und + self.und.mlp(self.und.post_attention_layernorm(h_und), dtype).astype(h_und.dtype)
+    h_gen = h_gen + self.gen.mlp(self.gen.post_attention_layernorm(h_gen), dtype).astype(h_gen.dtype)
     return h_und, h_gen
+
+  def __call__(self, h_und, h_gen, rope_und, rope_gen, meta: TokenMeta, cfg, compute_dtype):
+    """h_und [B, Lu, E], h_gen [B, Lg, E] -> same shapes (self-attention over the packed row)."""
+    q, k, v = self._qkv(h_und, h_gen, rope_und, rope_gen, compute_dtype)
+    attn = attention_dispatch.attention(q, k, v, meta, impl=cfg.attention_impl,
+                                        query_chunk=cfg.attention_query_chunk)  # [B, L, Hq, D]
+    return self._finish(h_und, h_gen, attn, compute_dtype)
+
+  def extend(self, h_und, h_gen, rope_und, rope_gen, meta: TokenMeta, past_k, past_v, past_meta: TokenMeta,
+             cfg, compute_dtype):
+    """New tokens attend to a KV cache plus themselves; returns hiddens and the new tokens' k/v.
+
+    past_k/past_v [B, P, Hkv, D] with ``past_meta`` fields [B, P] (empty slots are padding).
+    """
+    q, k, v = self._qkv(h_und, h_gen, rope_und, rope_gen, compute_dtype)
+    keys = TokenMeta(*(jnp.concatenate([a, b], axis=1) for a, b in zip(past_meta, meta)))
+    attn = attention_dispatch.attention(
+        q, jnp.concatenate([past_k.astype(k.dtype), k], axis=1), jnp.concatenate([past_v.astype(v.dtype), v], axis=1),
+        meta, keys, impl="xla", query_chunk=cfg.attention_query_chunk)
+    h_und, h_gen = self._finish(h_und, h_gen, attn, compute_dtype)
+    return h_und, h_gen, k, v
 
 
 class MoTDecoder(nnx.Module):
@@ -99,3 +120,22 @@ class MoTDecoder(nnx.Module):
     h_und, h_gen = stacking.run_stacked(
         self.layers, (h_und, h_gen), apply, scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
     return self.norm(h_und), self.norm_moe_gen(h_gen)
+
+  def extend(self, h_und, h_gen, rope_und, rope_gen, meta: TokenMeta, cache_k, cache_v, cache_meta: TokenMeta):
+    """Runs new tokens against a KV cache (``cache_k/v [layers, B, P, Hkv, D]``).
+
+    Returns the final-normed hiddens of both buffers and the new tokens' per-layer k/v
+    ``[layers, B, Lu+Lg, Hkv, D]`` for the caller to append to the cache.
+    """
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.compute_dtype)
+    graphdef, stacked = nnx.split(self.layers)
+
+    def body(carry, xs):
+      layer_state, past_k, past_v = xs
+      layer = nnx.merge(graphdef, layer_state)
+      h_u, h_g, k, v = layer.extend(*carry, rope_und, rope_gen, meta, past_k, past_v, cache_meta, cfg, dtype)
+      return (h_u, h_g), (k, v)
+
+    (h_und, h_gen), (new_k, new_v) = jax.lax.scan(body, (h_und, h_gen), (stacked, cache_k, cache_v))
+    return self.norm(h_und), self.norm_moe_gen(h_gen), new_k, new_v

@@ -118,3 +118,21 @@ class UniMAGE(nnx.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """``[..., E] -> [..., V]`` in fp32 (untied lm_head)."""
     return self.lm_head(hidden, jnp.dtype(self.cfg.compute_dtype)).astype(jnp.float32)
+
+  def extend(self, chunk, noisy_latents: jax.Array, timesteps: jax.Array, cache_k, cache_v, cache_meta: TokenMeta):
+    """New tokens (a chunk in the layout of a packed row) against a KV cache.
+
+    Returns (und hidden ``[B, Lu', E]``, velocity ``[B, Lg', Dl]``, new k, new v
+    ``[layers, B, Lu'+Lg', Hkv, D]``). Used by the director for prefill, decoding and denoising.
+    """
+    cfg = self.cfg
+    h_und = self.embed_und(chunk)
+    h_gen = self.embed_gen(noisy_latents, timesteps, chunk["gen_latent_pos"])
+    rope_und = rope_tables(chunk["und_positions"], cfg.head_dim, cfg.rope_theta)
+    rope_gen = rope_tables(chunk["gen_positions"], cfg.head_dim, cfg.rope_theta)
+    meta = TokenMeta(*(jnp.concatenate([u, g], axis=1)
+                       for u, g in zip(token_meta(chunk, "und"), token_meta(chunk, "gen"))))
+    h_und, h_gen, new_k, new_v = self.decoder.extend(h_und, h_gen, rope_und, rope_gen, meta,
+                                                     cache_k, cache_v, cache_meta)
+    velocity = self.llm2vae(h_gen, jnp.dtype(cfg.compute_dtype)).astype(jnp.float32)
+    return h_und, velocity, new_k, new_v

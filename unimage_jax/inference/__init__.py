@@ -1,0 +1,1 @@
+"""Inference: KV cache, token sampling, rectified-flow sampling with guidance, the director."""
