@@ -87,6 +87,7 @@ def train_tokenizer(texts: Sequence[str], model_prefix: str, vocab_size: int = 1
       split_digits=True,
       normalization_rule_name="identity",
       remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
       max_sentence_length=1 << 15,
       num_threads=2,
       minloglevel=2,
