@@ -6,7 +6,12 @@ image is wrapped by ``<|vision_start|>``/``<|vision_end|>`` markers written by t
 * ``interleaved`` (stage 1): [text: header + Frame1] [noised kf1] [clean kf1]
   [text: Video1 + Frame2] [noised kf2] [clean kf2] ... [text: VideoK]; all text trains, every
   noised image trains. Stories too long for the row keep their first shots (cut at a shot
-  boundary, so the sample stays a valid script prefix).
+  boundary, so the sample stays a valid script prefix; a cut text ends with the next Frame line,
+  never with a false end of script).
+
+Every plan returns *variants*, longest first, all fitting a row alone: shorter cuts the packer may
+use to fill a row's tail (``packing.FirstFitPacker``). A cut script continuation carries no
+``<|im_end|>`` so the model is never taught to stop early.
 * ``script`` (stage 2, und expert): text only. With ``precontext_split_prob`` the script is cut at
   a random shot boundary c: [header + shots 1..c] (context, no loss) [shots c+1..K] (trained), so
   the model learns to continue a script; otherwise [prompt] (context) [rest] (trained).
