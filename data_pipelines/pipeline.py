@@ -119,26 +119,25 @@ def make_dataset(config, *, process_index: int = 0, process_count: int = 1, spli
   return it
 
 
-class TrainIterator:
+class TrainIterator(grain.DatasetIterator):
   """Iterator of batches with Grain state (``get_state``/``set_state``, JSON-able).
 
-  ``grain_iterator`` is the underlying ``grain.DatasetIterator``: hand it to Orbax as
-  ``grain.checkpoint.CheckpointSave(it.grain_iterator)`` inside a ``CheckpointManager`` composite
-  (or use :func:`save_iterator_state` / :func:`restore_iterator_state`).
+  It is itself a ``grain.DatasetIterator``, so Orbax takes it directly:
+  ``ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))`` in a CheckpointManager
+  (or :func:`save_iterator_state` / :func:`restore_iterator_state`). With a mesh, batches are
+  global ``jax.Array``s; the state is that of the host-side stream either way.
   """
 
   def __init__(self, dataset: grain.IterDataset, mesh=None):
     self.dataset = dataset
     self.grain_iterator = iter(dataset)
+    super().__init__(self.grain_iterator)
     self.mesh = mesh
     self._sharding = None
     if mesh is not None:
       import jax
       axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
       self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
-
-  def __iter__(self) -> Iterator[dict[str, Any]]:
-    return self
 
   def __next__(self) -> dict[str, Any]:
     batch = next(self.grain_iterator)
@@ -166,13 +165,13 @@ def save_iterator_state(iterator: TrainIterator, directory: str) -> None:
   """Writes the iterator state with Orbax + Grain's checkpoint handler (one JSON per process)."""
   import orbax.checkpoint as ocp
   with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as ckptr:
-    ckptr.save(os.path.abspath(directory), args=grain.checkpoint.CheckpointSave(iterator.grain_iterator))
+    ckptr.save(os.path.abspath(directory), args=grain.checkpoint.CheckpointSave(iterator))
 
 
 def restore_iterator_state(iterator: TrainIterator, directory: str) -> TrainIterator:
   import orbax.checkpoint as ocp
   with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as ckptr:
-    ckptr.restore(os.path.abspath(directory), args=grain.checkpoint.CheckpointRestore(iterator.grain_iterator))
+    ckptr.restore(os.path.abspath(directory), args=grain.checkpoint.CheckpointRestore(iterator))
   return iterator
 
 

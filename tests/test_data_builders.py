@@ -131,3 +131,15 @@ def test_cli_reports_counts(user_dir):
   ok = subprocess.run(cmd + ["--skip_bad_records"], capture_output=True, text=True, cwd=REPO)
   assert ok.returncode == 0, ok.stderr
   assert f"imported 1, skipped {len(_bad_lines())} bad records" in ok.stdout
+
+
+def test_round_trip_every_record_of_a_1000_story_build(tmp_path):
+  """render -> parse gives back the stored script for every record of a 1,000-story build."""
+  from unimage_jax import script_schema as ss
+  builders.build_storyworld(str(tmp_path), num_stories=1000, image_size=32, num_validation=1)
+  src = builders.load_source(str(tmp_path), "storyworld", "train")
+  assert len(src) == 1000
+  for i in range(len(src)):
+    script = builders.decode_record(src[i], decode_images=False)["script"]
+    ss.validate(script)
+    assert ss.scripts_equal(ss.parse(ss.render(script)), script), i
