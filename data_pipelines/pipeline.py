@@ -81,7 +81,7 @@ def make_sample_dataset(config, *, process_index: int = 0, process_count: int = 
                         repeat: bool = True) -> grain.MapDataset:
   """Planned samples (before packing): source -> shuffle -> repeat -> slice -> decode + plan."""
   d = config.data
-  source = builders.load_source(d.data_dir, d.dataset, split, d.dataset_config)
+  source = builders.load_source(d.data_dir, d.dataset, split, d.dataset_config, default_build_name(config))
   check_tokenizer(config)
   ds = grain.MapDataset.source(source).shuffle(seed=d.seed)
   if repeat:
@@ -176,9 +176,15 @@ def restore_iterator_state(iterator: TrainIterator, directory: str) -> TrainIter
 
 
 # ------------------------------------------------------------------------------- first run
-def tokenizer_corpus(data_dir: str, dataset: str, config_name: str = "") -> list[str]:
+def default_build_name(config) -> str:
+  """The StoryWorld build ``ensure_dataset`` makes for this config (preferred among several)."""
+  from data_pipelines.builders.storyworld import config_name
+  return config_name(config.data.num_stories, config.data.image_size, 0)
+
+
+def tokenizer_corpus(data_dir: str, dataset: str, config_name: str = "", prefer: str = "") -> list[str]:
   """Every script line of a built train split (the tokenizer's training text)."""
-  source = builders.load_source(data_dir, dataset, "train", config_name)
+  source = builders.load_source(data_dir, dataset, "train", config_name, prefer)
   lines: list[str] = []
   for i in range(len(source)):
     script = builders.decode_record(source[i], decode_images=False)["script"]
@@ -190,8 +196,8 @@ def ensure_dataset(config, verbose: bool = True) -> None:
   """Builds the default StoryWorld data and tokenizer if missing (a fresh machine's first run)."""
   d = config.data
   try:
-    builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config)
-  except FileNotFoundError:
+    builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config, default_build_name(config))
+  except builders.DatasetNotBuiltError:
     if d.dataset != "storyworld":
       raise
     if verbose:
@@ -201,7 +207,7 @@ def ensure_dataset(config, verbose: bool = True) -> None:
     if verbose:
       print(f"training the tokenizer ({config.model.vocab_size} pieces) into {d.tokenizer_path}")
     prefix = d.tokenizer_path[: -len(".model")] if d.tokenizer_path.endswith(".model") else d.tokenizer_path
-    path = train_tokenizer(tokenizer_corpus(d.data_dir, d.dataset, d.dataset_config), prefix,
+    path = train_tokenizer(tokenizer_corpus(d.data_dir, d.dataset, d.dataset_config, default_build_name(config)), prefix,
                            config.model.vocab_size)
     if path != d.tokenizer_path:
       os.replace(path, d.tokenizer_path)

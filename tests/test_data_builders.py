@@ -143,3 +143,13 @@ def test_round_trip_every_record_of_a_1000_story_build(tmp_path):
     script = builders.decode_record(src[i], decode_images=False)["script"]
     ss.validate(script)
     assert ss.scripts_equal(ss.parse(ss.render(script)), script), i
+
+
+def test_several_builds_need_a_choice(tmp_path):
+  builders.build_storyworld(str(tmp_path), num_stories=3, image_size=32, num_validation=1)
+  builders.build_storyworld(str(tmp_path), num_stories=4, image_size=32, num_validation=1)
+  assert builders.built_configs(str(tmp_path), "storyworld") == ["n3_s32_seed0", "n4_s32_seed0"]
+  with pytest.raises(FileNotFoundError, match="config.data.dataset_config"):
+    builders.find_dataset_dir(str(tmp_path), "storyworld")
+  assert "n4_s32" in builders.find_dataset_dir(str(tmp_path), "storyworld", prefer="n4_s32_seed0")
+  assert len(builders.load_source(str(tmp_path), "storyworld", config_name="n3_s32_seed0")) == 3

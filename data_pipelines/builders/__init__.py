@@ -35,15 +35,34 @@ def build_storyboards(data_dir: str, jsonl_path: str, image_dir: str, image_size
   return b
 
 
-def find_dataset_dir(data_dir: str, dataset: str, config_name: str = "") -> str:
-  """The versioned directory of a built dataset; clear error when missing or ambiguous."""
+class DatasetNotBuiltError(FileNotFoundError):
+  """No finished build of the dataset (as opposed to an ambiguous choice between builds)."""
+
+
+def built_configs(data_dir: str, dataset: str) -> list[str]:
+  """Names of the finished builds of a dataset under data_dir."""
   root = os.path.join(data_dir, dataset)
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"dataset {dataset!r} not found under {data_dir} (config.data.data_dir); "
-                            "build it with tools/build_data.py")
-  configs = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    return []
+  names = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+  return [n for n in names if any(os.path.exists(os.path.join(root, n, v, "dataset_info.json"))
+                                  for v in os.listdir(os.path.join(root, n)))]
+
+
+def find_dataset_dir(data_dir: str, dataset: str, config_name: str = "", prefer: str = "") -> str:
+  """The versioned directory of a built dataset; clear error when missing or ambiguous.
+
+  ``config_name`` selects a build; if empty, the only build is used, or ``prefer`` when several.
+  """
+  root = os.path.join(data_dir, dataset)
+  configs = built_configs(data_dir, dataset)
+  if not configs:
+    raise DatasetNotBuiltError(f"dataset {dataset!r} not found under {data_dir} (config.data.data_dir); "
+                               "build it with tools/build_data.py")
   if config_name:
     configs = [c for c in configs if c == config_name]
+  elif len(configs) > 1 and prefer in configs:
+    configs = [prefer]
   if len(configs) != 1:
     raise FileNotFoundError(f"expected one built config of {dataset!r} in {root} matching "
                             f"{config_name or '*'!r} (config.data.dataset_config), found {configs}")
@@ -54,7 +73,7 @@ def find_dataset_dir(data_dir: str, dataset: str, config_name: str = "") -> str:
   return os.path.join(cdir, versions[-1])
 
 
-def load_source(data_dir: str, dataset: str, split: str = "train", config_name: str = ""):
+def load_source(data_dir: str, dataset: str, split: str = "train", config_name: str = "", prefer: str = ""):
   """Random-access ArrayRecord source of a built split (a Grain-compatible data source)."""
-  builder = tfds.builder_from_directory(find_dataset_dir(data_dir, dataset, config_name))
+  builder = tfds.builder_from_directory(find_dataset_dir(data_dir, dataset, config_name, prefer))
   return builder.as_data_source(split=split)

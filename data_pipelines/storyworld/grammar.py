@@ -89,9 +89,12 @@ def generate_story(rng: np.random.Generator, min_shots: int = 3, max_shots: int 
       poses = {i: "standing" for i in range(n_chars)}
       event, size = "arrive", "Wide shot"
       who = _join([_tag_c(i) for i in range(n_chars)])
-      verb = "arrives" if n_chars == 1 else "arrive"
-      frame = f"{size}: {who} {verb} in {env_tag} and line up from the left."
-      action = f"{who} {'walks' if n_chars == 1 else 'walk'} in and {'looks' if n_chars == 1 else 'look'} around."
+      if n_chars == 1:
+        frame = f"{size}: {who} arrives in {env_tag} and stops at the far left."
+        action = f"{who} walks in and looks around."
+      else:
+        frame = f"{size}: {who} arrive in {env_tag} and line up from the left."
+        action = f"{who} walk in and look around."
     elif k == 0:
       event, size = "establish", "Wide shot"
       parts = [f"{_tag_c(i)} stands {SLOT_WORDS[slots[i]]}" for i in range(n_chars)]
