@@ -56,6 +56,23 @@ def bench(config, packed: bool, num_batches: int) -> dict:
           "efficiency": float(np.mean(effs)), "und_fill": float(np.mean(und)), "gen_fill": float(np.mean(gen))}
 
 
+def kept_fraction(config, num_samples: int = 600) -> float:
+  """Share of planned tokens that reach a row (the rest are tails cut to fill rows)."""
+  from data_pipelines.packing import FirstFitPacker
+  from data_pipelines.sequence_plan import PlanConfig
+  from unimage_jax import layout
+  ds = pipeline.make_sample_dataset(config)
+  lengths = [[layout.sample_lengths(v) for v in ds[i].variants] for i in range(num_samples)]
+  d = config.data
+  p = FirstFitPacker(PlanConfig.from_config(config).sizes, d.pack_open_rows, d.pack_max_age, min_keep=d.pack_min_keep)
+  rows = []
+  for i, variants in enumerate(lengths):
+    rows += p.add(i, variants)
+  rows += [b.members for b in p.bins]
+  tok = lambda l: l[0] + l[1]
+  return sum(tok(lengths[i][v]) for r in rows for i, v in r) / sum(tok(l[0]) for l in lengths)
+
+
 def bench_train_step(config, num_steps: int) -> float | None:
   """Rows/s the tiny model's jitted train step consumes (None when the trainer is not present)."""
   try:
@@ -105,6 +122,7 @@ def main(argv):
       print(f"| {task} | {'first-fit' if packed else 'none'} | {workers} | {r['rows_per_s']:.1f} | "
             f"{r['samples_per_s']:.1f} | {r['samples_per_row']:.2f} | {r['efficiency']:.3f} | "
             f"{r['und_fill']:.3f} | {r['gen_fill']:.3f} |", flush=True)
+    print(f"  ({task}: {kept_fraction(c):.3f} of planned und+gen tokens reach a row; the rest are cut tails)")
   if _TRAIN_STEP.value:
     rate = bench_train_step(config, _TRAIN_STEPS.value)
     if rate is not None:
