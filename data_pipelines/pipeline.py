@@ -12,7 +12,7 @@ the config; :class:`TrainIterator` state (JSON) restores the stream exactly.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import numpy as np

@@ -153,3 +153,16 @@ def test_several_builds_need_a_choice(tmp_path):
     builders.find_dataset_dir(str(tmp_path), "storyworld")
   assert "n4_s32" in builders.find_dataset_dir(str(tmp_path), "storyworld", prefer="n4_s32_seed0")
   assert len(builders.load_source(str(tmp_path), "storyworld", config_name="n3_s32_seed0")) == 3
+
+
+def test_ground_truth_rerenders_stored_keyframes(tmp_path):
+  from data_pipelines.storyworld import truth
+  builders.build_storyworld(str(tmp_path), num_stories=15, image_size=32, num_validation=1)
+  src = builders.load_source(str(tmp_path), "storyworld", "train")
+  for i in range(len(src)):
+    r = builders.decode_record(src[i])
+    for k, frame in enumerate(r["keyframes"]):
+      np.testing.assert_array_equal(truth.expected_keyframe(r["script"], r["ground_truth"], k, 32), frame)
+    assert truth.visible_characters(r["ground_truth"], 0) == list(range(len(r["ground_truth"]["cast"])))
+  with pytest.raises(ValueError, match="no StoryWorld ground truth"):
+    truth.story_from_record(r["script"], {})

@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 
 import data_fixtures
-from data_pipelines import builders
 from data_pipelines.sequence_plan import PlanConfig, Planner, SampleTooLargeError
 from data_pipelines.builders.storyworld import story_for
 from data_pipelines.storyworld import render_story
 from unimage_jax import layout, pixel_codec
-from unimage_jax.layout import ImageSegment, TextSegment, VitSegment
+from unimage_jax.layout import TextSegment, VitSegment
 from unimage_jax.tokenizer import Tokenizer
 
 

@@ -1,6 +1,5 @@
 """Tokenizer: ID tags and control tokens are single ids; vocab must fit the model."""
 
-import numpy as np
 import pytest
 
 from data_pipelines.builders.storyworld import story_for
