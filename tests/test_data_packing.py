@@ -8,7 +8,6 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from data_pipelines.packing import FirstFitPacker, PackIterDataset, RowEncoder, row_efficiency
-
 from unimage_jax.layout import BufferSizes, ImageSegment, TextSegment
 
 SIZES = BufferSizes(und_len=64, gen_len=32, vit_len=0, max_segments=8)
