@@ -16,7 +16,9 @@ use to fill a row's tail (``packing.FirstFitPacker``). A cut script continuation
   a random shot boundary c: [header + shots 1..c] (context, no loss) [shots c+1..K] (trained), so
   the model learns to continue a script; otherwise [prompt] (context) [rest] (trained).
 * ``keyframe`` (stage 2, gen expert), the director's inference layout: [script text (no loss)]
-  [clean kf1 (+ ViT copy)] ... [clean kf(k-1)] [text: Framek line (no loss)] [noised kf k].
+  ([ViT kf1]) [clean kf1] ... ([ViT kf(k-1)]) [clean kf(k-1)] [text: Framek line (no loss)]
+  [noised kf k]. The short Framek text names the target shot, so the sample stays well defined
+  when the earlier keyframes are dropped; ViT copies appear with ``use_vit_context``.
   Conditioning dropout for classifier-free guidance: ``text_cond_dropout`` drops both text
   segments, ``vae_cond_dropout`` drops the earlier clean keyframes, ``vit_cond_dropout`` their
   ViT copies. Dropout applies only here: in the interleaved task every segment is also a target.

@@ -166,3 +166,14 @@ def test_ground_truth_rerenders_stored_keyframes(tmp_path):
     assert truth.visible_characters(r["ground_truth"], 0) == list(range(len(r["ground_truth"]["cast"])))
   with pytest.raises(ValueError, match="no StoryWorld ground truth"):
     truth.story_from_record(r["script"], {})
+
+
+def test_storyboards_reimport_picks_up_a_fixed_file(user_dir):
+  path = user_dir / "scripts.jsonl"
+  path.write_bytes(json.dumps(_good(0)).encode() + b"\n" + _bad_lines()["missing_image"][0] + b"\n")
+  b = builders.build_storyboards(str(user_dir / "out"), str(path), str(user_dir / "images"), 32, skip_bad_records=True)
+  assert (b.report.imported, b.report.num_skipped) == (1, 1)
+  path.write_bytes(json.dumps(_good(0)).encode() + b"\n" + json.dumps(_good(1)).encode() + b"\n")
+  b = builders.build_storyboards(str(user_dir / "out"), str(path), str(user_dir / "images"), 32)
+  assert (b.report.imported, b.report.num_skipped) == (2, 0)
+  assert len(builders.load_source(str(user_dir / "out"), "storyboards")) == 2

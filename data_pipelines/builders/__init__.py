@@ -9,9 +9,10 @@ import tensorflow_datasets as tfds
 from data_pipelines.builders.records import decode_record
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> None:
-  """Builds in-process (no Beam) and quietly."""
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_runner=None))
+def prepare(builder: tfds.core.DatasetBuilder, rebuild: bool = False) -> None:
+  """Builds in-process (no Beam). ``rebuild`` regenerates an existing build instead of reusing it."""
+  mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if rebuild else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(beam_runner=None, download_mode=mode))
 
 
 def build_storyworld(data_dir: str, num_stories: int = 1000, image_size: int = 64, seed: int = 0,
@@ -31,7 +32,7 @@ def build_storyboards(data_dir: str, jsonl_path: str, image_dir: str, image_size
                           image_dir=os.path.abspath(image_dir), image_size=image_size,
                           skip_bad_records=skip_bad_records)
   b = Storyboards(data_dir=data_dir, config=cfg, file_format="array_record")
-  prepare(b)
+  prepare(b, rebuild=True)  # the JSONL may have changed since the last import: always re-import
   return b
 
 
