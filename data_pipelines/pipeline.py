@@ -86,9 +86,11 @@ def make_sample_dataset(config, *, process_index: int = 0, process_count: int = 
   ds = grain.MapDataset.source(source).shuffle(seed=d.seed)
   if repeat:
     ds = ds.repeat(None)
-  ds = ds[process_index::process_count]
-  return ds.random_map(PlanTransform(PlanConfig.from_config(config), d.tokenizer_path, config.model.vocab_size),
-                       seed=d.seed)
+  # Lazy MapDataset: planning is declared before the slice so each element's random stream is
+  # keyed by its *global* index (slicing first would give every process the same streams).
+  ds = ds.random_map(PlanTransform(PlanConfig.from_config(config), d.tokenizer_path, config.model.vocab_size),
+                     seed=d.seed)
+  return ds[process_index::process_count]
 
 
 def make_dataset(config, *, process_index: int = 0, process_count: int = 1, split: str = "train",

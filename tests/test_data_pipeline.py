@@ -148,3 +148,13 @@ def test_storyboards_dataset_feeds_the_pipeline(tmp_path):
   c.data.data_dir = str(tmp_path / "data")
   batch = next(pipeline.make_train_iterator(c, process_index=0, process_count=1))
   assert batch["gen_latents"].shape == (2, 256, 192) and row_efficiency(batch) > 0.3
+
+
+def test_processes_draw_independent_plans():
+  """Task and cut choices differ across processes (random streams keyed by global index)."""
+  c = data_fixtures.tiny_config(tasks=MIX)
+  plans = [[pipeline.make_sample_dataset(c, process_index=p, process_count=2)[i].task for i in range(40)]
+           for p in range(2)]
+  assert plans[0] != plans[1]
+  single = pipeline.make_sample_dataset(c, process_index=0, process_count=1)
+  assert [single[2 * i].task for i in range(40)] == plans[0]  # process 0 sees global elements 0, 2, 4...
