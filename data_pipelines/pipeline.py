@@ -1,7 +1,7 @@
 """The training input pipeline (DESIGN.md section 6), built on Grain.
 
-ArrayRecord source (TFDS) -> shuffle(seed) -> repeat -> per-process slice -> decode + task plan
-(random_map: deterministic per element index) -> pack (first-fit, checkpointable) -> batch ->
+ArrayRecord source (TFDS) -> shuffle(seed) -> repeat -> decode + task plan (random_map, keyed by
+the global element index) -> per-process slice -> pack (first-fit, checkpointable) -> batch ->
 multiprocess prefetch -> numpy dicts, or global ``jax.Array``s on a mesh.
 
 Determinism: every random choice derives from ``config.data.seed`` and the element's index, and
@@ -195,7 +195,10 @@ def tokenizer_corpus(data_dir: str, dataset: str, config_name: str = "", prefer:
 
 
 def ensure_dataset(config, verbose: bool = True) -> None:
-  """Builds the default StoryWorld data and tokenizer if missing (a fresh machine's first run)."""
+  """Builds the default StoryWorld data and tokenizer if missing (a fresh machine's first run).
+
+  Multi-host: call it on one process (or per host with a local data_dir) before the others read.
+  """
   d = config.data
   try:
     builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config, default_build_name(config))
