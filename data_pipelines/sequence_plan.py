@@ -69,6 +69,10 @@ class PlanConfig:
   @classmethod
   def from_config(cls, config) -> "PlanConfig":
     d, m = config.data, config.model
+    if m.autoencoder != "pixel" or m.latent_channels != 3 * m.pixel_downsample ** 2:
+      raise NotImplementedError(
+          f"the data pipeline encodes keyframes with the pixel codec only (config.model.autoencoder="
+          f"{m.autoencoder!r}, latent_channels={m.latent_channels}); a VAE config needs on-device encoding")
     weights = tuple((t, float(d.tasks[t])) for t in TASKS if t in d.tasks and float(d.tasks[t]) > 0)
     unknown = set(d.tasks.keys()) - set(TASKS)
     if unknown or not weights:
@@ -135,6 +139,7 @@ class Planner:
   def __init__(self, cfg: PlanConfig, tokenizer: Tokenizer):
     self.cfg = cfg
     self.tok = tokenizer
+    self._cache: dict[str, list[int]] = {}
 
   # ------------------------------------------------------------------ building blocks
   def _ids(self, line: str) -> list[int]:

@@ -97,3 +97,9 @@ def test_every_variant_fits_alone():
     for v in p.plan(_record(i), rng).variants:
       u, g, n, s = layout.sample_lengths(v)
       assert u <= sizes.und_len and g <= sizes.gen_len and n <= sizes.vit_len and s <= sizes.max_segments
+
+
+def test_vae_configs_are_refused_clearly():
+  from configs import mot_1b
+  with pytest.raises(NotImplementedError, match="pixel codec only"):
+    PlanConfig.from_config(mot_1b.get_config())
