@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   d = c.data = ml_collections.ConfigDict()
   d.dataset = "storyworld"  # storyworld | storyboards | synthetic (in-memory random rows)
   d.synthetic_pool = 4  # distinct batches cycled by the synthetic source
+  d.dataset_config = ""  # built TFDS config to read ("" = the only one under data_dir/dataset)
+  d.num_stories = 1000  # StoryWorld stories built by data_pipelines.pipeline.ensure_dataset
   d.data_dir = "artifacts/data"
   d.tokenizer_path = "artifacts/tokenizer/spm.model"
   d.image_size = 32
@@ -64,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.seed = 0
   d.num_workers = 0
   d.prefetch_buffer_size = 2
+  d.pack_open_rows = 8  # first-fit packing: rows kept open at once
+  d.pack_max_age = 64  # a row closes once its oldest sample has waited this many samples
+  d.pack_min_keep = 0.5  # a row tail may take a sample cut to >= this fraction of its tokens (1 = never cut)
   d.sqrt_length_loss_weighting = False
   # task mixture (stage 1: interleaved only; stage 2: script + keyframe)
   d.tasks = ml_collections.ConfigDict({"interleaved": 1.0, "script": 0.0, "keyframe": 0.0})

@@ -1,0 +1,219 @@
+"""The training input pipeline (DESIGN.md section 6), built on Grain.
+
+ArrayRecord source (TFDS) -> shuffle(seed) -> repeat -> decode + task plan (random_map, keyed by
+the global element index) -> per-process slice -> pack (first-fit, checkpointable) -> batch ->
+multiprocess prefetch -> numpy dicts, or global ``jax.Array``s on a mesh.
+
+Determinism: every random choice derives from ``config.data.seed`` and the element's index, and
+packing is a deterministic function of the sample stream, so the batches of a run are a function of
+the config; :class:`TrainIterator` state (JSON) restores the stream exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from data_pipelines import builders
+from data_pipelines.packing import PackIterDataset, RowEncoder
+from data_pipelines.sequence_plan import PlanConfig, Planner, Sample, SampleTooLargeError
+from unimage_jax import script_schema
+from unimage_jax.tokenizer import Tokenizer, train_tokenizer
+
+
+class PlanTransform(grain.transforms.RandomMap):
+  """Decodes a stored record and plans one sample; picklable (workers rebuild the tokenizer)."""
+
+  def __init__(self, plan_cfg: PlanConfig, tokenizer_path: str, max_vocab_size: int | None = None):
+    self.plan_cfg, self.tokenizer_path, self.max_vocab_size = plan_cfg, tokenizer_path, max_vocab_size
+    self._planner: Planner | None = None
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_planner"} | {"_planner": None}
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> Sample:
+    if self._planner is None:
+      self._planner = Planner(self.plan_cfg, Tokenizer(self.tokenizer_path, self.max_vocab_size))
+    record = builders.decode_record(element)
+    try:
+      return self._planner.plan(record, rng)
+    except SampleTooLargeError as e:
+      raise SampleTooLargeError(f"story {record['story_id']}: {e}; raise config.data.und_len/gen_len/"
+                                "vit_len/max_segments or shorten the story") from None
+
+
+def row_encoder(config) -> RowEncoder:
+  m, d = config.model, config.data
+  cfg = PlanConfig.from_config(config)
+  return RowEncoder(cfg.sizes, latent_dim=m.latent_channels * m.latent_patch_size ** 2,
+                    latent_grid=m.max_latent_grid, vit_patch_dim=m.vit.patch_size ** 2 * 3,
+                    vit_grid=m.vit.max_patches_per_side,
+                    sqrt_length_loss_weighting=bool(d.sqrt_length_loss_weighting))
+
+
+class _OneSamplePerRow(grain.transforms.Map):
+  """The unpacked baseline: every sample alone in its row (picklable for worker processes)."""
+
+  def __init__(self, encoder: RowEncoder):
+    self.encoder = encoder
+
+  def map(self, sample: Sample) -> dict[str, np.ndarray]:
+    return self.encoder([sample.segments])
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # only when the caller did not say; keeps workers free of jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return process_index, process_count
+
+
+def check_tokenizer(config) -> Tokenizer:
+  """Loads the tokenizer named by config.data.tokenizer_path and checks it fits the model's vocab."""
+  return Tokenizer(config.data.tokenizer_path, max_vocab_size=config.model.vocab_size)
+
+
+def make_sample_dataset(config, *, process_index: int = 0, process_count: int = 1, split: str = "train",
+                        repeat: bool = True) -> grain.MapDataset:
+  """Planned samples (before packing): source -> shuffle -> repeat -> slice -> decode + plan."""
+  d = config.data
+  source = builders.load_source(d.data_dir, d.dataset, split, d.dataset_config, default_build_name(config))
+  check_tokenizer(config)
+  ds = grain.MapDataset.source(source).shuffle(seed=d.seed)
+  if repeat:
+    ds = ds.repeat(None)
+  # Lazy MapDataset: planning is declared before the slice so each element's random stream is
+  # keyed by its *global* index (slicing first would give every process the same streams).
+  ds = ds.random_map(PlanTransform(PlanConfig.from_config(config), d.tokenizer_path, config.model.vocab_size),
+                     seed=d.seed)
+  return ds[process_index::process_count]
+
+
+def make_dataset(config, *, process_index: int = 0, process_count: int = 1, split: str = "train",
+                 repeat: bool = True, packed: bool = True) -> grain.IterDataset:
+  """Batches of packed rows for one process: dicts of numpy arrays ``[B_local, ...]``.
+
+  ``packed=False`` puts one sample per row (the baseline the benchmark compares against).
+  """
+  d = config.data
+  if d.batch_size % process_count:
+    raise ValueError(f"config.data.batch_size={d.batch_size} is not divisible by {process_count} processes")
+  ds = make_sample_dataset(config, process_index=process_index, process_count=process_count,
+                           split=split, repeat=repeat)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+  encoder = row_encoder(config)
+  if packed:
+    it = PackIterDataset(it, encoder.sizes, encoder, num_open_rows=d.pack_open_rows, max_age=d.pack_max_age,
+                         min_keep=d.pack_min_keep)
+  else:
+    it = it.map(_OneSamplePerRow(encoder))
+  it = it.batch(d.batch_size // process_count, drop_remainder=True)
+  if d.num_workers > 0:
+    from absl import flags  # Grain's worker processes read absl flags; libraries may not parse them
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers,
+                                                     per_worker_buffer_size=d.prefetch_buffer_size))
+  return it
+
+
+class TrainIterator(grain.DatasetIterator):
+  """Iterator of batches with Grain state (``get_state``/``set_state``, JSON-able).
+
+  It is itself a ``grain.DatasetIterator``, so Orbax takes it directly:
+  ``ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))`` in a CheckpointManager
+  (or :func:`save_iterator_state` / :func:`restore_iterator_state`). With a mesh, batches are
+  global ``jax.Array``s; the state is that of the host-side stream either way.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, mesh=None):
+    self.dataset = dataset
+    self.grain_iterator = iter(dataset)
+    super().__init__(self.grain_iterator)
+    self.mesh = mesh
+    self._sharding = None
+    if mesh is not None:
+      import jax
+      axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+      self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
+
+  def __next__(self) -> dict[str, Any]:
+    batch = next(self.grain_iterator)
+    if self._sharding is None:
+      return batch
+    import jax
+    return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
+
+  def get_state(self) -> dict[str, Any]:
+    return self.grain_iterator.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.grain_iterator.set_state(state)
+
+
+def make_train_iterator(config, *, process_index: int | None = None, process_count: int | None = None,
+                        mesh=None) -> TrainIterator:
+  """The trainer's entry point: packed batches ``[batch_size / process_count, ...]`` per process
+  (global ``jax.Array``s sharded over the mesh's ("data", "fsdp") axes when ``mesh`` is given)."""
+  pi, pc = _process(process_index, process_count)
+  return TrainIterator(make_dataset(config, process_index=pi, process_count=pc), mesh=mesh)
+
+
+def save_iterator_state(iterator: TrainIterator, directory: str) -> None:
+  """Writes the iterator state with Orbax + Grain's checkpoint handler (one JSON per process)."""
+  import orbax.checkpoint as ocp
+  with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as ckptr:
+    ckptr.save(os.path.abspath(directory), args=grain.checkpoint.CheckpointSave(iterator))
+
+
+def restore_iterator_state(iterator: TrainIterator, directory: str) -> TrainIterator:
+  import orbax.checkpoint as ocp
+  with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as ckptr:
+    ckptr.restore(os.path.abspath(directory), args=grain.checkpoint.CheckpointRestore(iterator))
+  return iterator
+
+
+# ------------------------------------------------------------------------------- first run
+def default_build_name(config) -> str:
+  """The StoryWorld build ``ensure_dataset`` makes for this config (preferred among several)."""
+  from data_pipelines.builders.storyworld import config_name
+  return config_name(config.data.num_stories, config.data.image_size, 0)
+
+
+def tokenizer_corpus(data_dir: str, dataset: str, config_name: str = "", prefer: str = "") -> list[str]:
+  """Every script line of a built train split (the tokenizer's training text)."""
+  source = builders.load_source(data_dir, dataset, "train", config_name, prefer)
+  lines: list[str] = []
+  for i in range(len(source)):
+    script = builders.decode_record(source[i], decode_images=False)["script"]
+    lines += script_schema.render(script).splitlines()
+  return lines
+
+
+def ensure_dataset(config, verbose: bool = True) -> None:
+  """Builds the default StoryWorld data and tokenizer if missing (a fresh machine's first run).
+
+  Multi-host: call it on one process (or per host with a local data_dir) before the others read.
+  """
+  d = config.data
+  try:
+    builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config, default_build_name(config))
+  except builders.DatasetNotBuiltError:
+    if d.dataset != "storyworld":
+      raise
+    if verbose:
+      print(f"building StoryWorld ({d.num_stories} stories, {d.image_size}px) into {d.data_dir}")
+    builders.build_storyworld(d.data_dir, d.num_stories, d.image_size, seed=0)
+  if not os.path.exists(d.tokenizer_path):
+    if verbose:
+      print(f"training the tokenizer ({config.model.vocab_size} pieces) into {d.tokenizer_path}")
+    prefix = d.tokenizer_path[: -len(".model")] if d.tokenizer_path.endswith(".model") else d.tokenizer_path
+    path = train_tokenizer(tokenizer_corpus(d.data_dir, d.dataset, d.dataset_config, default_build_name(config)), prefix,
+                           config.model.vocab_size)
+    if path != d.tokenizer_path:
+      os.replace(path, d.tokenizer_path)
+  check_tokenizer(config)

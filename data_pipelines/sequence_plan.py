@@ -1,0 +1,267 @@
+"""Task plans (DESIGN.md section 4): how one story becomes one training sample (a segment list).
+
+Layouts (every text segment is ``<|im_start|> ... <|im_end|>`` so the model learns to stop; each
+image is wrapped by ``<|vision_start|>``/``<|vision_end|>`` markers written by the packer):
+
+* ``interleaved`` (stage 1): [text: header + Frame1] [noised kf1] [clean kf1]
+  [text: Video1 + Frame2] [noised kf2] [clean kf2] ... [text: VideoK]; all text trains, every
+  noised image trains. Stories too long for the row keep their first shots (cut at a shot
+  boundary, so the sample stays a valid script prefix; a cut text ends with the next Frame line,
+  never with a false end of script).
+
+Every plan returns *variants*, longest first, all fitting a row alone: shorter cuts the packer may
+use to fill a row's tail (``packing.FirstFitPacker``). A cut script continuation carries no
+``<|im_end|>`` so the model is never taught to stop early.
+* ``script`` (stage 2, und expert): text only. With ``precontext_split_prob`` the script is cut at
+  a random shot boundary c: [header + shots 1..c] (context, no loss) [shots c+1..K] (trained), so
+  the model learns to continue a script; otherwise [prompt] (context) [rest] (trained).
+* ``keyframe`` (stage 2, gen expert), the director's inference layout: [script text (no loss)]
+  ([ViT kf1]) [clean kf1] ... ([ViT kf(k-1)]) [clean kf(k-1)] [text: Framek line (no loss)]
+  [noised kf k]. The short Framek text names the target shot, so the sample stays well defined
+  when the earlier keyframes are dropped; ViT copies appear with ``use_vit_context``.
+  Conditioning dropout for classifier-free guidance: ``text_cond_dropout`` drops both text
+  segments, ``vae_cond_dropout`` drops the earlier clean keyframes, ``vit_cond_dropout`` their
+  ViT copies. Dropout applies only here: in the interleaved task every segment is also a target.
+
+Text lines are encoded one by one (``line + "\\n"``) so a prefix of a script always has the same
+tokens as the whole script's prefix; inference must encode the same way (:func:`encode_lines`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from unimage_jax import layout
+from unimage_jax.layout import BufferSizes, ImageSegment, TextSegment, VitSegment
+from unimage_jax.pixel_codec import image_to_tokens
+from unimage_jax.script_schema import Script, frame_line, header_lines, video_line
+from unimage_jax.tokenizer import Tokenizer
+
+TASKS = ("interleaved", "script", "keyframe")
+
+
+class SampleTooLargeError(ValueError):
+  """Even the smallest plan of a story does not fit one row."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+  """What the planner needs from ``config`` (kept small and picklable for worker processes)."""
+
+  sizes: BufferSizes
+  image_size: int
+  pixel_downsample: int
+  latent_patch_size: int
+  latent_grid: int
+  vit_patch_size: int
+  vit_enabled: bool
+  task_weights: tuple[tuple[str, float], ...]
+  precontext_split_prob: float
+  text_cond_dropout: float
+  vit_cond_dropout: float
+  vae_cond_dropout: float
+  use_vit_context: bool
+
+  @classmethod
+  def from_config(cls, config) -> "PlanConfig":
+    d, m = config.data, config.model
+    if m.autoencoder != "pixel" or m.latent_channels != 3 * m.pixel_downsample ** 2:
+      raise NotImplementedError(
+          f"the data pipeline encodes keyframes with the pixel codec only (config.model.autoencoder="
+          f"{m.autoencoder!r}, latent_channels={m.latent_channels}); a VAE config needs on-device encoding")
+    weights = tuple((t, float(d.tasks[t])) for t in TASKS if t in d.tasks and float(d.tasks[t]) > 0)
+    unknown = set(d.tasks.keys()) - set(TASKS)
+    if unknown or not weights:
+      raise ValueError(f"config.data.tasks must weight some of {TASKS}; got {dict(d.tasks)}")
+    return cls(
+        sizes=BufferSizes(d.und_len, d.gen_len, d.vit_len, d.max_segments),
+        image_size=d.image_size, pixel_downsample=m.pixel_downsample,
+        latent_patch_size=m.latent_patch_size, latent_grid=m.max_latent_grid,
+        vit_patch_size=m.vit.patch_size, vit_enabled=bool(m.vit.enabled), task_weights=weights,
+        precontext_split_prob=d.precontext_split_prob, text_cond_dropout=d.text_cond_dropout,
+        vit_cond_dropout=d.vit_cond_dropout, vae_cond_dropout=d.vae_cond_dropout,
+        use_vit_context=bool(d.use_vit_context),
+    )
+
+
+@dataclasses.dataclass
+class Sample:
+  """One planned sample: layout variants, longest (preferred) first, each fitting a row alone.
+
+  Shorter variants are cut at a shot boundary (or drop the oldest context); the packer may take
+  one to fill the tail of a row instead of leaving it as padding (see ``packing.py``).
+  """
+
+  task: str
+  story_id: str
+  variants: list[list[layout.Segment]]
+
+  @property
+  def segments(self) -> list[layout.Segment]:
+    return self.variants[0]
+
+  def lengths(self) -> tuple[int, int, int, int]:
+    return layout.sample_lengths(self.segments)
+
+
+def encode_lines(tok: Tokenizer, lines: Sequence[str]) -> list[int]:
+  """Script lines -> ids, each line encoded separately with its newline (as the planner does)."""
+  return [i for line in lines for i in tok.encode(line + "\n")]
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> [size, size, 3] (box filter when shrinking: exact for flat colours)."""
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BOX), np.uint8)
+
+
+def vit_patches(image: np.ndarray, patch: int) -> tuple[np.ndarray, int, int]:
+  """uint8 [H, W, 3] -> normalised pixels [h*w, p*p*3] in (p, p, c) order, h, w."""
+  x = image.astype(np.float32) / 127.5 - 1.0
+  h, w = image.shape[0] // patch, image.shape[1] // patch
+  x = x[: h * patch, : w * patch].reshape(h, patch, w, patch, 3).transpose(0, 2, 1, 3, 4)
+  return x.reshape(h * w, patch * patch * 3), h, w
+
+
+def _fits(segments: Sequence[layout.Segment], sizes: BufferSizes) -> bool:
+  u, g, v, s = layout.sample_lengths(segments)
+  return u <= sizes.und_len and g <= sizes.gen_len and v <= sizes.vit_len and s <= sizes.max_segments
+
+
+class Planner:
+  """Turns a decoded record into a :class:`Sample` for a task drawn from the mixture."""
+
+  def __init__(self, cfg: PlanConfig, tokenizer: Tokenizer):
+    self.cfg = cfg
+    self.tok = tokenizer
+    self._cache: dict[str, list[int]] = {}
+
+  # ------------------------------------------------------------------ building blocks
+  def _ids(self, line: str) -> list[int]:
+    if line not in self._cache:  # a story's lines recur across variants: encode each once
+      self._cache[line] = self.tok.encode(line + "\n")
+    return self._cache[line]
+
+  def _text(self, lines: Sequence[str], train: bool, close: bool = True) -> TextSegment:
+    """``<|im_start|> lines [<|im_end|>]``; ``close=False`` for a cut-off text (no false stop)."""
+    ids = [self.tok.im_start] + [i for line in lines for i in self._ids(line)]
+    ids += [self.tok.im_end] if close else []
+    return TextSegment(np.asarray(ids, np.int32), train=train)
+
+  def _image(self, image: np.ndarray, noised: bool) -> ImageSegment:
+    c = self.cfg
+    tokens, h, w = image_to_tokens(resize(image, c.image_size), c.pixel_downsample, c.latent_patch_size)
+    return ImageSegment(tokens, h, w, noised, self.tok.vision_start, self.tok.vision_end)  # [h*w, D]
+
+  def _vit(self, image: np.ndarray) -> VitSegment:
+    patches, h, w = vit_patches(resize(image, self.cfg.image_size), self.cfg.vit_patch_size)
+    return VitSegment(patches, h, w, self.tok.vision_start, self.tok.vision_end)
+
+  def _fitting(self, candidates, what: str) -> list[list[layout.Segment]]:
+    """Keeps the candidate layouts (longest first) that fit a row alone; at least one must."""
+    out = [segs for segs in candidates if _fits(segs, self.cfg.sizes)]
+    if not out:
+      raise SampleTooLargeError(f"{what} does not fit the row {self.cfg.sizes}")
+    return out
+
+  # ------------------------------------------------------------------ tasks
+  def plan(self, record: dict[str, Any], rng: np.random.Generator, task: str | None = None) -> Sample:
+    if task is None:
+      names, weights = zip(*self.cfg.task_weights)
+      p = np.asarray(weights) / np.sum(weights)
+      task = names[int(rng.choice(len(names), p=p))]
+    script: Script = record["script"]
+    frames = record["keyframes"]
+    if task != "script" and len(frames) != len(script.shots):
+      raise ValueError(f"story {record['story_id']}: {len(frames)} keyframes for {len(script.shots)} shots")
+    self._cache: dict[str, list[int]] = {}
+    build = {"interleaved": self.interleaved, "script": self.script, "keyframe": self.keyframe}[task]
+    return Sample(task, record["story_id"], build(script, frames, rng))
+
+  def interleaved(self, script: Script, frames: list[np.ndarray], rng: np.random.Generator):
+    """Variants: the first n shots, n = K .. 1, each with or without the text after image n.
+    A cut story's last text ends with the next ``<Frame>`` line (as everywhere before an image),
+    so a cut never teaches a false stop; finer cut points let the packer fill row tails."""
+    del rng
+    images = [(self._image(f, True), self._image(f, False)) for f in frames]
+    n_shots = len(script.shots)
+
+    def prefix(n: int, with_tail: bool) -> list[layout.Segment]:
+      segs: list[layout.Segment] = [self._text(header_lines(script) + [frame_line(script, 1)], True)]
+      for k in range(1, n + 1):
+        segs += list(images[k - 1])
+        if k < n or with_tail:
+          tail = [video_line(script, k)] + ([frame_line(script, k + 1)] if k < n_shots else [])
+          segs.append(self._text(tail, True))
+      return segs
+
+    candidates = (prefix(n, tail) for n in range(n_shots, 0, -1) for tail in (True, False))
+    return self._fitting(candidates, f"the first shot of {script.prompt[:40]!r} (text + 2 images)")
+
+  def script(self, script: Script, frames, rng: np.random.Generator):
+    """Variants: the continuation cut after shot ``end``, end = K .. first continued shot."""
+    del frames
+    n_shots = len(script.shots)
+    shot_lines = lambda a, b: sum(([frame_line(script, k), video_line(script, k)] for k in range(a, b + 1)), [])
+    context, start = [f"<Prompt>: {script.prompt}"], 1
+    rest_header = header_lines(script)[1:]
+    if n_shots >= 2 and rng.random() < self.cfg.precontext_split_prob:
+      cut = int(rng.integers(1, n_shots))
+      while cut >= 1:  # the context must leave room for at least one continued shot
+        ctx = header_lines(script) + shot_lines(1, cut)
+        if _fits([self._text(ctx, False), self._text(shot_lines(cut + 1, cut + 1), True)], self.cfg.sizes):
+          context, start, rest_header = ctx, cut + 1, []
+          break
+        cut -= 1
+    ctx_seg = self._text(context, False)
+    candidates = ([ctx_seg, self._text(rest_header + shot_lines(start, end), True, close=end == n_shots)]
+                  for end in range(n_shots, start - 1, -1))
+    return self._fitting(candidates, f"the script context of {script.prompt[:40]!r}")
+
+  def keyframe(self, script: Script, frames: list[np.ndarray], rng: np.random.Generator):
+    """Variants drop context in this order: script lines after the target shot, the oldest
+    context keyframes, then script lines before it (the target and its frame line stay)."""
+    c = self.cfg
+    k = int(rng.integers(1, len(script.shots) + 1))
+    drop_text = rng.random() < c.text_cond_dropout
+    drop_vae = rng.random() < c.vae_cond_dropout
+    use_vit = c.use_vit_context and c.vit_enabled and not rng.random() < c.vit_cond_dropout
+    target = self._image(frames[k - 1], True)
+    earlier = []
+    for j in range(k - 1):
+      pair = ([self._vit(frames[j])] if use_vit else []) + ([] if drop_vae else [self._image(frames[j], False)])
+      earlier.append(pair)
+    n_script = len(script.shots)
+
+    def layout_for(n_script: int, earlier: list) -> list[layout.Segment]:
+      segs: list[layout.Segment] = []
+      if not drop_text:
+        lines = header_lines(script) + sum(([frame_line(script, j), video_line(script, j)]
+                                            for j in range(1, n_script + 1)), [])
+        segs.append(self._text(lines, False))
+      for pair in earlier:
+        segs += pair
+      if not drop_text:
+        segs.append(self._text([frame_line(script, k)], False))
+      segs.append(target)
+      return segs
+
+    def candidates():
+      n, e = n_script, list(earlier)
+      while True:
+        yield layout_for(n, e)
+        if n > k and not drop_text:
+          n -= 1
+        elif e:
+          e.pop(0)
+        elif n > 1 and not drop_text:
+          n -= 1
+        else:
+          return
+
+    return self._fitting(candidates(), f"keyframe {k} of {script.prompt[:40]!r}")

@@ -1,0 +1,105 @@
+"""Task plans: the segment layouts of DESIGN.md section 4, cuts, dropout and size errors."""
+
+import numpy as np
+import pytest
+
+import data_fixtures
+from data_pipelines.sequence_plan import PlanConfig, Planner, SampleTooLargeError
+from data_pipelines.builders.storyworld import story_for
+from data_pipelines.storyworld import render_story
+from unimage_jax import layout, pixel_codec
+from unimage_jax.layout import TextSegment, VitSegment
+from unimage_jax.tokenizer import Tokenizer
+
+
+def _planner(**data):
+  c = data_fixtures.tiny_config(**data)
+  return Planner(PlanConfig.from_config(c), Tokenizer(c.data.tokenizer_path, c.model.vocab_size)), c
+
+
+def _record(i=5, size=32):
+  story = story_for(0, "train", i)
+  images, _ = render_story(story, size)
+  return {"story_id": f"s{i}", "script": story.script, "keyframes": images}
+
+
+def _kinds(segs):
+  return ["T" if isinstance(s, TextSegment) else "V" if isinstance(s, VitSegment) else
+          ("N" if s.noised else "C") for s in segs]
+
+
+def test_interleaved_layout():
+  p, _ = _planner()
+  rec = _record(5)
+  sample = p.plan(rec, np.random.default_rng(0), "interleaved")
+  segs = sample.segments
+  k = (len(segs) - 1) // 3
+  assert _kinds(segs) == ["T"] + ["N", "C", "T"] * k
+  assert all(s.train for s in segs if isinstance(s, TextSegment))
+  for s in segs:
+    if isinstance(s, TextSegment):
+      assert s.token_ids[0] == p.tok.im_start and s.token_ids[-1] == p.tok.im_end
+  # the image tokens are exactly the pixel codec of the keyframe
+  tokens, h, w = pixel_codec.image_to_tokens(rec["keyframes"][0], 4, 2)
+  assert (h, w) == (segs[1].height, segs[1].width) == (4, 4)
+  np.testing.assert_array_equal(segs[1].latents, tokens)
+  assert segs[1].latents.shape == (16, 192)
+  # later variants are shorter cuts of the same story
+  lens = [layout.sample_lengths(v)[0] + layout.sample_lengths(v)[1] for v in sample.variants]
+  assert lens == sorted(lens, reverse=True) and len(set(lens)) == len(lens)
+
+
+def test_script_precontext_split():
+  p, _ = _planner(precontext_split_prob=1.0)
+  segs = p.plan(_record(7), np.random.default_rng(1), "script").segments
+  assert _kinds(segs) == ["T", "T"] and (segs[0].train, segs[1].train) == (False, True)
+  ctx = p.tok.decode(segs[0].token_ids[1:-1])
+  assert "<Character1>:" in ctx and "<Frame1>:" in ctx  # the context holds whole shots
+  cont = p.tok.decode(segs[1].token_ids[1:])
+  assert cont.startswith("<Frame") and "<Prompt>" not in cont
+  p0, _ = _planner(precontext_split_prob=0.0)
+  segs = p0.plan(_record(7), np.random.default_rng(1), "script").segments
+  assert p0.tok.decode(segs[0].token_ids[1:-1]).startswith("<Prompt>:")
+  assert p0.tok.decode(segs[1].token_ids[1:]).startswith("<Character1>:")
+
+
+def test_keyframe_layout_and_dropout():
+  p, _ = _planner(text_cond_dropout=0.0, vae_cond_dropout=0.0, vit_cond_dropout=0.0, use_vit_context=True)
+  rng = np.random.default_rng(3)
+  seen = False
+  for _ in range(10):
+    segs = p.plan(_record(5), rng, "keyframe").segments
+    kinds = _kinds(segs)
+    assert kinds[0] == "T" and kinds[-2:] == ["T", "N"] and not any(s.train for s in segs if isinstance(s, TextSegment))
+    middle = kinds[1:-2]
+    assert middle == ["V", "C"] * (len(middle) // 2)
+    seen |= len(middle) > 0
+  assert seen
+  vit = next(s for s in segs if isinstance(s, VitSegment)) if "V" in kinds else None
+  if vit is not None:
+    assert vit.patches.shape == (16, 192) and vit.patches.min() >= -1 and vit.patches.max() <= 1
+  p1, _ = _planner(text_cond_dropout=1.0, vae_cond_dropout=1.0, vit_cond_dropout=1.0, use_vit_context=True)
+  segs = p1.plan(_record(5), rng, "keyframe").segments
+  assert _kinds(segs) == ["N"]  # fully unconditional sample for classifier-free guidance
+
+
+def test_sample_too_large_is_clear():
+  p, _ = _planner(und_len=40)
+  with pytest.raises(SampleTooLargeError, match="does not fit the row"):
+    p.plan(_record(5), np.random.default_rng(0), "interleaved")
+
+
+def test_every_variant_fits_alone():
+  p, c = _planner(tasks={"interleaved": 1.0, "script": 1.0, "keyframe": 1.0})
+  sizes = PlanConfig.from_config(c).sizes
+  rng = np.random.default_rng(0)
+  for i in range(30):
+    for v in p.plan(_record(i), rng).variants:
+      u, g, n, s = layout.sample_lengths(v)
+      assert u <= sizes.und_len and g <= sizes.gen_len and n <= sizes.vit_len and s <= sizes.max_segments
+
+
+def test_vae_configs_are_refused_clearly():
+  from configs import mot_1b
+  with pytest.raises(NotImplementedError, match="pixel codec only"):
+    PlanConfig.from_config(mot_1b.get_config())

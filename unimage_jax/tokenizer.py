@@ -1,0 +1,95 @@
+"""SentencePiece tokenizer with the script's ID tags and control tokens as single symbols.
+
+Why user-defined symbols: ID prompting (DESIGN.md section 2) only works if ``<Character2>`` is one
+token everywhere, never split by the subword model; the same holds for ``<|im_start|>`` and the
+image markers that the packer writes around every image.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import sentencepiece as spm
+
+from unimage_jax.script_schema import CONTROL_TOKENS, CUE_CLOSE, CUE_OPEN, id_tags
+
+# How many ID tags of each kind the trained vocabulary holds as single symbols.
+MAX_CHARACTER_TAGS = 8
+MAX_ENVIRONMENT_TAGS = 8
+MAX_SHOT_TAGS = 16
+
+
+def user_symbols(max_characters: int = MAX_CHARACTER_TAGS, max_environments: int = MAX_ENVIRONMENT_TAGS,
+                 max_shots: int = MAX_SHOT_TAGS) -> list[str]:
+  """Control tokens, cue brackets and ID tags, in a fixed order (their ids follow it)."""
+  return list(CONTROL_TOKENS) + [CUE_OPEN, CUE_CLOSE] + id_tags(max_characters, max_environments, max_shots)
+
+
+class Tokenizer:
+  """Thin wrapper over a SentencePiece model: encode/decode plus the ids the packer needs."""
+
+  def __init__(self, model_path: str, max_vocab_size: int | None = None):
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(f"tokenizer model not found: {model_path} (config.data.tokenizer_path); "
+                              "train one with tools/train_tokenizer.py")
+    self.model_path = model_path
+    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    if max_vocab_size is not None and self.vocab_size > max_vocab_size:
+      raise ValueError(f"tokenizer {model_path} has {self.vocab_size} pieces but config.model.vocab_size "
+                       f"is {max_vocab_size}; retrain with --vocab_size <= {max_vocab_size}")
+    self.special_ids: dict[str, int] = {}
+    for sym in user_symbols():
+      i = self._sp.piece_to_id(sym)
+      if i != self._sp.unk_id():
+        self.special_ids[sym] = i
+    for sym in CONTROL_TOKENS:
+      if sym not in self.special_ids:
+        raise ValueError(f"tokenizer {model_path} lacks the control symbol {sym}")
+    self.im_start = self.special_ids["<|im_start|>"]
+    self.im_end = self.special_ids["<|im_end|>"]
+    self.vision_start = self.special_ids["<|vision_start|>"]
+    self.vision_end = self.special_ids["<|vision_end|>"]
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text, out_type=int)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def __getstate__(self):  # picklable for multiprocess prefetch
+    return {"model_path": self.model_path}
+
+  def __setstate__(self, state):
+    self.__init__(state["model_path"])
+
+
+def train_tokenizer(texts: Sequence[str], model_prefix: str, vocab_size: int = 1024) -> str:
+  """Trains a BPE SentencePiece model on texts; returns the .model path.
+
+  byte_fallback keeps every UTF-8 string encodable; ``hard_vocab_limit=False`` lets a small corpus
+  (StoryWorld's vocabulary is tiny) produce fewer pieces than asked instead of failing.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(list(texts)),
+      model_prefix=model_prefix,
+      vocab_size=vocab_size,
+      model_type="bpe",
+      character_coverage=1.0,
+      byte_fallback=True,
+      hard_vocab_limit=False,
+      user_defined_symbols=user_symbols(),
+      split_digits=True,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      max_sentence_length=1 << 15,
+      num_threads=2,
+      minloglevel=2,
+  )
+  return model_prefix + ".model"
