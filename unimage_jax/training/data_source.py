@@ -60,6 +60,11 @@ def make_data_iterator(config: ml_collections.ConfigDict, mesh: Mesh):
   if config.data.dataset == "synthetic":
     return SyntheticIterator(config, mesh)
   from data_pipelines import pipeline
+  if jax.process_index() == 0:
+    pipeline.ensure_dataset(config)  # builds StoryWorld + tokenizer when missing (seconds)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("unimage_jax.ensure_dataset")
   return pipeline.make_train_iterator(
       config, process_index=jax.process_index(), process_count=jax.process_count(), mesh=mesh)
 
