@@ -148,6 +148,9 @@ def siglip_conv_to_linear(w: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(w, (0, 2, 3, 1)).reshape(w.shape[0], -1))
 
 
+_SIGLIP_VISION_ROOTS = ("embeddings", "encoder", "post_layernorm", "head")
+
+
 def siglip_sources(state: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
                    *, allow_unexpected: bool = False) -> dict[str, Callable[[], np.ndarray]]:
   """BAGEL ``vit_model.*`` loaders from a HF SiglipVisionModel (or SiglipModel) state mapping.
@@ -158,21 +161,20 @@ def siglip_sources(state: Mapping[str, Any], model_cfg: ml_collections.ConfigDic
   n_layers = model_cfg.vit.num_layers
   sources, unexpected = {}, []
   for key in state.keys():
-    k = key.removeprefix("model.")  # transformers 5 may prefix the vision tower
-    if not k.startswith("vision_model."):
+    # transformers <5 writes ``vision_model.*``; 5.x writes a SiglipVisionModel's keys bare
+    k = key.removeprefix("model.").removeprefix("vision_model.")
+    parts = k.split(".")
+    if parts[0] not in _SIGLIP_VISION_ROOTS:
       if not k.startswith(("text_model.", "logit_scale", "logit_bias")):
         unexpected.append(key)
       continue
-    parts = k.split(".")
-    if parts[1] == "head":
+    if parts[0] == "head" or k.endswith("embeddings.position_ids"):
       continue
-    if parts[1:3] == ["encoder", "layers"] and int(parts[3]) >= n_layers:
-      continue
-    if k.endswith("embeddings.position_ids"):
+    if parts[:2] == ["encoder", "layers"] and int(parts[2]) >= n_layers:
       continue
     load = (lambda key=key: siglip_conv_to_linear(np.asarray(state[key]))) if k.endswith(
         "patch_embedding.weight") and np.ndim(state[key]) == 4 else (lambda key=key: np.asarray(state[key]))
-    sources["vit_model." + k] = load
+    sources["vit_model.vision_model." + k] = load
   if unexpected and not allow_unexpected:
     raise KeyMismatchError(_mismatch_message("SigLIP checkpoint", unexpected=unexpected))
   return sources
