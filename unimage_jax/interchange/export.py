@@ -32,7 +32,7 @@ def export_params(params, tables, model_cfg: ml_collections.ConfigDict, out_dir:
   plan = keymap.export_plan(abstract_params, abstract_tables, model_cfg)
   cast = lambda d: out_dtype if np.issubdtype(np.dtype(d), np.floating) or np.dtype(d) == ml_dtypes.bfloat16 else np.dtype(d)
   writer_plan = [(e.key, e.shape, cast(e.dtype)) for e in plan]
-  tensors = ((e.key, keymap.export_one(e, params, tables)) for e in plan)
+  tensors = ((e.key, keymap.export_one(e, params, tables, contiguous=False)) for e in plan)
   names = safetensors_io.write_sharded(out_dir, writer_plan, tensors, max_shard_bytes=max_shard_bytes,
                                        metadata={"producer": "unimage_jax", "dtype": dtype})
   hf_configs.write_configs(out_dir, model_cfg, dtype)

@@ -286,8 +286,14 @@ def export_plan(abstract_params, abstract_tables, model_cfg) -> list[PlanEntry]:
   return plan
 
 
-def export_one(entry: PlanEntry, params, tables) -> np.ndarray:
-  """The torch-layout tensor of one plan entry (slices a stacked array, never copies it whole)."""
+def export_one(entry: PlanEntry, params, tables, *, contiguous: bool = True) -> np.ndarray:
+  """The torch-layout tensor of one plan entry (slices a stacked array, never copies it whole).
+
+  ``contiguous=False`` returns linear kernels as a transposed *view*: a streaming writer can then
+  copy it out in small row blocks, so no second full-size tensor is ever allocated.
+  """
   x = get_path(params if entry.tree == "params" else tables, entry.path)
   x = np.asarray(x[entry.layer] if entry.layer is not None else x)
+  if entry.transform == "linear" and not contiguous:
+    return x.reshape(math.prod(x.shape[:linear_in_dims(entry.path)]), -1).T  # [out, in] view
   return to_torch_layout(x, entry.transform, entry.path)

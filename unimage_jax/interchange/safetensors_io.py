@@ -58,8 +58,10 @@ class ShardedWriter:
   """
 
   def __init__(self, directory: str, plan: Sequence[tuple[str, tuple[int, ...], np.dtype]],
-               max_shard_bytes: int = 5 << 30, metadata: dict[str, str] | None = None):
+               max_shard_bytes: int = 5 << 30, metadata: dict[str, str] | None = None,
+               block_bytes: int = 64 << 20):
     self.directory = directory
+    self.block_bytes = block_bytes
     self.metadata = {"format": "pt", **(metadata or {})}
     os.makedirs(directory, exist_ok=True)
     shards: list[list] = [[]]
@@ -89,9 +91,17 @@ class ShardedWriter:
       self._file = open(os.path.join(self.directory, self._names[shard]), "wb")
       self._file.write(_header_bytes(self._shards[shard], self.metadata))
       self._open_shard = shard
-    data = np.ascontiguousarray(array, dtype=want_dtype)  # [*shape]; casts only if needed
-    self._file.write(data.reshape(-1).view(np.uint8))
-    del data
+    # Row blocks of at most ~block_bytes: a transposed view or a dtype cast is materialised one
+    # block at a time, never as a second full-size tensor.
+    array = np.asarray(array)
+    if array.ndim == 0:
+      array = array.reshape(1)
+    row_bytes = max(1, math.prod(array.shape[1:]) * want_dtype.itemsize)
+    step = max(1, self.block_bytes // row_bytes)
+    for i in range(0, array.shape[0], step):
+      block = np.ascontiguousarray(array[i:i + step], dtype=want_dtype)
+      self._file.write(block.reshape(-1).view(np.uint8))
+      del block
 
   def _close_file(self) -> None:
     if self._file is not None:
