@@ -127,5 +127,20 @@ def test_bf16_export_and_orbax_checkpoint_path(tiny_config, tmp_path):
     assert reader.dtype(k) == np.dtype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(reader[k], v.astype(ml_dtypes.bfloat16))
   assert not os.path.exists(os.path.join(out, "vit_config.json"))
-  model = load_exported(out)  # bf16 weights load into the torch module too
+  # stacked arrays are read one layer at a time through TensorStore (not the whole-array fallback)
+  lazy = orbax_io.LazyCheckpoint(ckpt)
+  assert lazy.open("params", ("decoder", "layers", "gen", "mlp", "up_proj", "kernel")) is not None
+  p2, t2, cfg2 = orbax_io.restore_params(ckpt)
+  jax.tree.map(np.testing.assert_array_equal, params, p2)
+  assert cfg2.model.to_dict() == m.to_dict()
+
+  # bf16 weights load into the torch module and serve in bf16, close to the fp32 JAX outputs
+  model = load_exported(out)
   assert model.language_model.lm_head.weight.dtype == torch.bfloat16
+  batch = synthetic.random_batch(cfg, seed=1)
+  logits, velocity = _jax_outputs(m, params, tables, batch, batch["gen_latents"], np.zeros(batch["gen_latent_pos"].shape, np.float32))
+  with torch.no_grad():
+    t_logits, t_velocity = model({k: torch.from_numpy(np.array(v)) for k, v in batch.items()})
+  valid = batch["und_segment_kinds"] != layout.KIND_PAD
+  err = np.abs(t_logits.numpy()[valid] - logits[valid]).max() / np.abs(logits[valid]).max()
+  assert err < 0.05, err
