@@ -35,14 +35,37 @@ def visibility(sample_ids, segment_ids, kinds, orders) -> torch.Tensor:
   return allowed
 
 
+def meta_attention(q, k, v, meta: tuple[torch.Tensor, ...], query_chunk: int | None = None) -> torch.Tensor:
+  """Attention under the visibility rule of per-token ``meta`` (sample, segment, kind, order; ``[B, L]``).
+
+  With ``query_chunk`` the ``[B, chunk, L]`` mask is built per block of queries, so long rows never
+  hold an ``L x L`` mask; without it one dense mask serves the whole row.
+  """
+  length = q.shape[1]
+  if query_chunk is None or query_chunk >= length:
+    return masked_attention(q, k, v, visibility(*meta))
+  outs = []
+  for start in range(0, length, query_chunk):
+    sl = slice(start, start + query_chunk)
+    qs, qg, qk, qo = (x[:, sl, None] for x in meta)
+    ks, kg, kk, ko = (x[:, None, :] for x in meta)
+    k_full = (kk == KIND_VIT) | (kk == KIND_CLEAN) | (kk == KIND_NOISE)
+    same = qg == kg
+    mask = (qk != KIND_PAD) & (kk != KIND_PAD) & (qs == ks) & ((ko <= qo) | (same & k_full))
+    mask &= ~((kk == KIND_NOISE) & ~same)
+    outs.append(masked_attention(q[:, sl], k, v, mask))
+  return torch.cat(outs, dim=1)
+
+
 def masked_attention(q, k, v, mask) -> torch.Tensor:
-  """q [B, L, Hq, D], k/v [B, L, Hkv, D], mask [B, L, L] -> [B, L, Hq, D]; rows seeing nothing give 0."""
+  """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], mask [B, Lq, Lk] -> [B, Lq, Hq, D]; rows seeing nothing give 0."""
   rep = q.shape[2] // k.shape[2]
   q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D]
   k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-  empty = ~mask.any(-1)  # [B, L] queries with no visible key (padding)
-  eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
-  safe = mask | (empty[:, :, None] & eye)  # give them one key so softmax stays finite
+  empty = ~mask.any(-1)  # [B, Lq] queries with no visible key (padding)
+  first = torch.zeros_like(mask)
+  first[..., 0] = True
+  safe = mask | (empty[:, :, None] & first)  # give them one key so softmax stays finite
   out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None])
   out = out.transpose(1, 2)  # [B, L, Hq, D]
   return out.masked_fill(empty[:, :, None, None], 0.0)
@@ -132,12 +155,13 @@ class MoTLayer(nn.Module):
       setattr(self, f"input_layernorm{moe}", RMSNorm(e, eps))
       setattr(self, f"post_attention_layernorm{moe}", RMSNorm(e, eps))
 
-  def forward(self, h_und, h_gen, rope_und, rope_gen, mask):
+  def forward(self, h_und, h_gen, rope_und, rope_gen, meta, query_chunk=None):
     lu = h_und.shape[1]
     a = self.self_attn
     q_u, k_u, v_u = a.qkv(self.input_layernorm(h_und), "", *rope_und)
     q_g, k_g, v_g = a.qkv(self.input_layernorm_moe_gen(h_gen), "_moe_gen", *rope_gen)
-    out = masked_attention(torch.cat([q_u, q_g], 1), torch.cat([k_u, k_g], 1), torch.cat([v_u, v_g], 1), mask)
+    out = meta_attention(torch.cat([q_u, q_g], 1), torch.cat([k_u, k_g], 1), torch.cat([v_u, v_g], 1), meta,
+                         query_chunk)
     out = out.flatten(2)  # [B, L, Hq*D]
     h_und = h_und + a.o_proj(out[:, :lu])
     h_gen = h_gen + a.o_proj_moe_gen(out[:, lu:])
@@ -263,10 +287,14 @@ class _Connector(nn.Module):
 
 
 class UniMAGETorch(nn.Module):
-  """The MoT director for serving: ``forward(batch) -> (text logits [B, Lu, V], velocity [B, Lg, Dl])``."""
+  """The MoT director for serving: ``forward(batch) -> (text logits [B, Lu, V], velocity [B, Lg, Dl])``.
+
+  Set ``attention_chunk`` to build the attention mask per block of queries for long rows.
+  """
 
   def __init__(self, llm_config: Mapping, vae_config: Mapping, vit_config: Mapping | None = None):
     super().__init__()
+    self.attention_chunk: int | None = None  # queries per mask block; None: one dense [L, L] mask
     c = dict(llm_config)
     c.setdefault("head_dim", c["hidden_size"] // c["num_attention_heads"])
     self.llm_config, self.vae_config = c, dict(vae_config)
@@ -313,10 +341,10 @@ class UniMAGETorch(nn.Module):
     rope_und = rope(batch["und_positions"], c["head_dim"], c["rope_theta"])
     rope_gen = rope(batch["gen_positions"], c["head_dim"], c["rope_theta"])
     cat = lambda name: torch.cat([batch[f"und_{name}"], batch[f"gen_{name}"]], 1)
-    mask = visibility(cat("sample_ids"), cat("segment_ids"), cat("segment_kinds"), cat("orders"))  # [B, L, L]
+    meta = tuple(cat(n) for n in ("sample_ids", "segment_ids", "segment_kinds", "orders"))  # [B, L] each
     body = self.language_model.model
     for layer in body.layers:
-      h_und, h_gen = layer(h_und, h_gen, rope_und, rope_gen, mask)
+      h_und, h_gen = layer(h_und, h_gen, rope_und, rope_gen, meta, self.attention_chunk)
     logits = self.language_model.lm_head(body.norm(h_und)).float()
     velocity = self.llm2vae(body.norm_moe_gen(h_gen)).float()
     return logits, velocity
