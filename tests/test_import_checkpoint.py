@@ -132,3 +132,22 @@ def test_cli_orbax_export_import_round_trip(tiny_config, tmp_path):
   bad = subprocess.run([sys.executable, "tools/import_checkpoint.py", "--format=bagel", f"--source={out}",
                         f"--output={tmp_path / 'bad'}"], cwd=REPO, env=env, capture_output=True, text=True)
   assert bad.returncode == 2 and "missing" in bad.stderr
+
+
+def test_bagel_release_layout_without_our_config(tiny_config, tmp_path):
+  """BAGEL's release has llm/vit JSONs only (27 SigLIP layers named, 26 kept; no VAE config)."""
+  import json
+
+  m = tiny_config.model
+  m.update(latent_channels=16, autoencoder="flux_vae", max_latent_grid=4)
+  params, tables = functional.init_params(m, 2)
+  out = str(tmp_path / "bagel")
+  export.export_params(params, tables, m, out)
+  for name in ("unimage_config.json", "vae_config.json"):
+    os.remove(os.path.join(out, name))
+  vit = json.load(open(os.path.join(out, "vit_config.json")))
+  vit["num_hidden_layers"] += 1
+  json.dump(vit, open(os.path.join(out, "vit_config.json"), "w"))
+  p2, t2, cfg = importers.import_bagel(out)
+  assert (cfg.latent_channels, cfg.autoencoder, cfg.max_latent_grid, cfg.vit.num_layers) == (16, "flux_vae", 4, 1)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, p2)

@@ -70,12 +70,40 @@ def import_bagel(path: str, model_cfg: ml_collections.ConfigDict | None = None, 
   from unimage_jax.model import functional
 
   directory = path if os.path.isdir(path) else os.path.dirname(path)
-  cfg = model_cfg if model_cfg is not None else hf_configs.model_config_from_dir(directory)
   reader = SafetensorsReader(path)
+  if model_cfg is not None:
+    cfg = model_cfg
+  else:
+    cfg = hf_configs.model_config_from_dir(directory)
+    if hf_configs.read_json(directory, hf_configs.UNIMAGE_CONFIG) is None:
+      cfg = infer_image_config(cfg, reader)
   abstract = functional.abstract_params(cfg)
   params, tables = keymap.import_tensors(reader.__getitem__, reader.keys(), *abstract, cfg,
                                          allow_unexpected=allow_unexpected)
   return params, tables, cfg
+
+
+def infer_image_config(cfg: ml_collections.ConfigDict, reader: SafetensorsReader) -> ml_collections.ConfigDict:
+  """Fills what BAGEL's release JSONs do not state from the tensors themselves.
+
+  BAGEL ships no VAE/latent config (``vae2llm`` gives the latent width, ``latent_pos_embed`` the
+  grid) and its ``vit_config.json`` names SigLIP's 27 layers while the checkpoint keeps 26.
+  """
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  if "vae2llm.weight" in reader:
+    token_dim = reader.shape("vae2llm.weight")[1]
+    channels = token_dim // cfg.latent_patch_size**2
+    cfg.latent_channels = channels
+    if channels == 16:
+      cfg.autoencoder = "flux_vae"
+    elif cfg.autoencoder == "pixel":
+      cfg.pixel_downsample = int(round((channels / 3) ** 0.5))
+  if "latent_pos_embed.pos_embed" in reader:
+    cfg.max_latent_grid = int(round(reader.shape("latent_pos_embed.pos_embed")[0] ** 0.5))
+  vit_layers = {int(k.split(".")[4]) for k in reader.keys() if k.startswith("vit_model.vision_model.encoder.layers.")}
+  if cfg.vit.enabled and vit_layers:
+    cfg.vit.num_layers = max(vit_layers) + 1
+  return cfg
 
 
 # ------------------------------------------------------------------------------------------ Qwen2
