@@ -1,6 +1,5 @@
 """The Flax FLUX-style VAE against diffusers' AutoencoderKL (FLUX settings, tiny random weights)."""
 
-import os
 
 import jax.numpy as jnp
 import numpy as np

@@ -89,7 +89,6 @@ def _naive(ckpt: str, out: str) -> dict:
   start = time.time()
   c = orbax_io.load_config_json(ckpt)
   with ocp.CheckpointManager(os.path.abspath(ckpt)) as mgr:
-    meta = mgr.item_metadata(0)
     restored = mgr.restore(0, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(), tables=ocp.args.StandardRestore()))
   dtype = export.DTYPES[_DTYPE.value]
@@ -97,7 +96,6 @@ def _naive(ckpt: str, out: str) -> dict:
            keymap.export_tensors(restored["params"], restored["tables"], c.model)}
   os.makedirs(out, exist_ok=True)
   save_file(state, os.path.join(out, "model.safetensors"))
-  del meta
   return {"seconds": time.time() - start, "baseline_gb": base, "peak_gb": _rss_gb()}
 
 

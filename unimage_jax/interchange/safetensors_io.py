@@ -103,6 +103,11 @@ class ShardedWriter:
       self._file.write(block.reshape(-1).view(np.uint8))
       del block
 
+  @property
+  def names(self) -> list[str]:
+    """Shard file names, in order."""
+    return list(self._names)
+
   def _close_file(self) -> None:
     if self._file is not None:
       self._file.close()
@@ -126,7 +131,7 @@ def write_sharded(directory: str, plan, tensors: Iterable[tuple[str, np.ndarray]
   for key, array in tensors:
     writer.write(key, array)
   writer.close()
-  return writer._names
+  return writer.names
 
 
 class SafetensorsReader:
