@@ -253,3 +253,47 @@ def llm_to_bagel_state(llm_state: Mapping[str, np.ndarray], model_cfg) -> dict[s
   if "model.norm.weight" in llm_state:
     out["language_model.model.norm_moe_gen.weight"] = llm_state["model.norm.weight"]
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanEntry:
+  """One exported tensor: where it comes from in our trees and its torch-layout shape."""
+
+  key: str
+  tree: str  # "params" | "tables"
+  path: tuple[str, ...]
+  layer: int | None
+  transform: str
+  shape: tuple[int, ...]  # torch layout, per layer for stacked arrays
+  dtype: Any  # our dtype
+
+
+def export_plan(abstract_params, abstract_tables, model_cfg) -> list[PlanEntry]:
+  """Every tensor :func:`export_tensors` yields, in the same order, from shapes alone.
+
+  Why: a streaming safetensors writer must know every shard's header (keys, shapes, dtypes) before
+  it writes the first byte of data; this gives it without touching any array.
+  """
+  plan = []
+  for name, rules, tree in (("params", param_rules(model_cfg), abstract_params),
+                            ("tables", table_rules(model_cfg), abstract_tables)):
+    for rule in rules:
+      for key, path, layer in expand(rule, model_cfg):
+        target = get_path(tree, path)
+        shape = tuple(target.shape[1:]) if layer is not None else tuple(target.shape)
+        plan.append(PlanEntry(key, name, path, layer, rule.transform,
+                              torch_shape(shape, rule.transform, path), target.dtype))
+  return plan
+
+
+def export_one(entry: PlanEntry, params, tables, *, contiguous: bool = True) -> np.ndarray:
+  """The torch-layout tensor of one plan entry (slices a stacked array, never copies it whole).
+
+  ``contiguous=False`` returns linear kernels as a transposed *view*: a streaming writer can then
+  copy it out in small row blocks, so no second full-size tensor is ever allocated.
+  """
+  x = get_path(params if entry.tree == "params" else tables, entry.path)
+  x = np.asarray(x[entry.layer] if entry.layer is not None else x)
+  if entry.transform == "linear" and not contiguous:
+    return x.reshape(math.prod(x.shape[:linear_in_dims(entry.path)]), -1).T  # [out, in] view
+  return to_torch_layout(x, entry.transform, entry.path)
