@@ -1,9 +1,10 @@
 """BAGEL-7B-MoT sizes (Qwen2-7B per expert, SigLIP so400m/14 with 26 layers, FLUX VAE latents)."""
 
-from unimage_jax.config_base import base_config
+from unimage_jax.config_base import apply_stage, base_config
 
 
-def get_config():
+def get_config(stage: str = "stage1"):
+  """``--config=configs/bagel_7b.py:stage2`` selects the stage-2 preset (DESIGN.md section 4)."""
   c = base_config()
   c.model.update(
       vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
@@ -17,4 +18,4 @@ def get_config():
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.optim.update(learning_rate=2e-5, warmup_steps=2000, ema_decay=0.9999)
   c.train.update(steps=100000, workdir="runs/bagel_7b")
-  return c
+  return apply_stage(c, stage)

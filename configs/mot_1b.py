@@ -1,9 +1,10 @@
 """About 1B active parameters per token (2 x 0.77B expert layers + 0.31B embed/head): one GPU."""
 
-from unimage_jax.config_base import base_config
+from unimage_jax.config_base import apply_stage, base_config
 
 
-def get_config():
+def get_config(stage: str = "stage1"):
+  """``--config=configs/mot_1b.py:stage2`` selects the stage-2 preset (DESIGN.md section 4)."""
   c = base_config()
   c.model.update(
       vocab_size=152064, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=4,
@@ -16,4 +17,4 @@ def get_config():
                 batch_size=8, tokenizer_path="artifacts/tokenizer/qwen2")
   c.optim.update(learning_rate=3e-4, warmup_steps=500)
   c.train.update(steps=10000, workdir="runs/mot_1b")
-  return c
+  return apply_stage(c, stage)

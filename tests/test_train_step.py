@@ -102,3 +102,29 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_config):
   new_state, metrics = step(state, batch)
   assert not bool(metrics["finite"]) and int(new_state.skipped) == 1 and int(new_state.step) == 1
   np.testing.assert_array_equal(np.asarray(new_state.params["lm_head"]["kernel"]), before)
+
+
+def test_stage2_routes_each_loss_to_its_expert(tiny_config):
+  """CE grads reach only the und side, flow grads only the gen side (one forward, two VJPs)."""
+  from unimage_jax.config_base import apply_stage
+  c = apply_stage(tiny_config, "stage2")
+  c.data.update(und_len=96, gen_len=48)
+  mesh, mdef, tx, shardings, state = _setup(c, jax.devices()[:1])
+  batch = _device_batch(c, mesh)
+  params = dict(state.params)  # a trained llm2vae (it is zero at init, which blocks the flow gradient)
+  params["llm2vae"] = {"kernel": jax.random.normal(jax.random.key(1), params["llm2vae"]["kernel"].shape) * 0.1,
+                       "bias": params["llm2vae"]["bias"]}
+  state = state.replace(params=params)
+  routed = jax.jit(step_lib.make_loss_and_grad(c, mdef))(state.params, state.tables, batch, jax.random.key(0))[2]
+  grads = {}
+  for name, weights in (("ce", (1.0, 0.0)), ("mse", (0.0, 1.0))):
+    c.optim.loss_groups = {}
+    c.loss.update(ce_weight=weights[0], mse_weight=weights[1])
+    grads[name] = jax.jit(step_lib.make_loss_and_grad(c, mdef))(state.params, state.tables, batch, jax.random.key(0))[2]
+  und = lambda g: g["decoder"]["layers"]["und"]["mlp"]["up_proj"]["kernel"]
+  gen = lambda g: g["decoder"]["layers"]["gen"]["mlp"]["up_proj"]["kernel"]
+  np.testing.assert_allclose(und(routed), und(grads["ce"]), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(gen(routed), gen(grads["mse"]), rtol=1e-5, atol=1e-7)
+  assert float(jnp.abs(und(grads["mse"])).max()) > 0  # without routing the flow loss does reach und
+  np.testing.assert_allclose(routed["vae2llm"]["kernel"], grads["mse"]["vae2llm"]["kernel"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(routed["lm_head"]["kernel"], grads["ce"]["lm_head"]["kernel"], rtol=1e-5, atol=1e-7)

@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   # parameter groups that do not train (optax masks): und_expert, gen_expert, embeddings, lm_head,
   # latent_io, connector, vit (see unimage_jax/training/optimizer.py)
   o.frozen_groups = ["vit"]
+  # per-loss parameter groups (stage 2): {"ce": [...groups...], "mse": [...]}; empty = every loss
+  # reaches every trainable group
+  o.loss_groups = ml_collections.ConfigDict()
 
   # ---------------------------------------------------------------- training
   t = c.train = ml_collections.ConfigDict()
@@ -108,7 +111,26 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
   t.grad_accum_steps = 1
+  t.init_from = ""  # a finished run's workdir: start from its params (stage 2 from stage 1)
   t.nonfinite = "skip"  # skip: drop the update and count it | stop: abort with a message
+
+  # ---------------------------------------------------------------- inference (the director)
+  inf = c.inference = ml_collections.ConfigDict()
+  inf.mode = "auto"  # auto (from data.tasks) | interleaved | disentangled
+  inf.cache_capacity = 1536  # KV-cache slots per row (static)
+  inf.max_script_tokens = 768  # disentangled: tokens for the whole script
+  inf.max_chunk_tokens = 192  # interleaved: tokens per text segment
+  inf.temperature = 0.7
+  inf.top_k = 0
+  inf.top_p = 0.95
+  inf.num_steps = 24  # timesteps of the Euler sampler (N - 1 steps)
+  inf.timestep_shift = 3.0
+  inf.cfg_text_scale = 2.0
+  inf.cfg_img_scale = 1.5
+  inf.cfg_interval = (0.0, 1.0)
+  inf.cfg_renorm_type = "global"  # global | channel | text_channel
+  inf.cfg_renorm_min = 0.0
+  inf.max_attempts = 3  # resample with the next seed when a script cannot be repaired
 
   # ---------------------------------------------------------------- mesh and sharding (section 8)
   s = c.mesh = ml_collections.ConfigDict()
@@ -134,4 +156,30 @@ def base_config() -> ml_collections.ConfigDict:
       ("norm", None),
       ("length", None),
   ]
+  return c
+
+
+STAGES = ("stage1", "stage2")
+
+
+def apply_stage(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """The curriculum of DESIGN.md section 4 as config presets.
+
+  stage1, Interleaved Concept Learning: whole scripts with their keyframes, both losses, all but
+  the ViT trainable. stage2, Disentangled Expert Learning: script writing (text, pre-context
+  splits) and keyframe generation (script + earlier keyframes -> next keyframe, conditioning
+  dropout) mixed; CE trains the und expert, embeddings and lm_head, the flow loss trains the gen
+  expert and the latent heads; rows give more slots to text. Start it from a stage-1 run with
+  ``--config.train.init_from=<stage-1 workdir>``.
+  """
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES} (e.g. --config=configs/tiny.py:stage2)")
+  if stage == "stage2":
+    c.data.tasks.update(interleaved=0.0, script=0.5, keyframe=0.5)
+    total = c.data.und_len + c.data.gen_len
+    c.data.gen_len = max(c.data.gen_len // 2, 1)
+    c.data.und_len = total - c.data.gen_len
+    c.optim.loss_groups = ml_collections.ConfigDict(
+        {"ce": ["und_expert", "embeddings", "lm_head"], "mse": ["gen_expert", "latent_io", "connector"]})
+    c.train.workdir = c.train.workdir.rstrip("/") + "_stage2"
   return c

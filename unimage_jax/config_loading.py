@@ -11,7 +11,12 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """``get_config()`` of a config file (relative paths resolve from the repository root)."""
+  """``get_config()`` of a config file (relative paths resolve from the repository root).
+
+  ``path:arg`` passes ``arg`` to ``get_config`` as ml_collections' config flags do
+  (``configs/tiny.py:stage2``).
+  """
+  path, _, arg = str(path).partition(":")
   path = pathlib.Path(path)
   if not path.is_absolute() and not path.exists():
     path = REPO_ROOT / path
@@ -20,7 +25,7 @@ def load_config(path: str | pathlib.Path, overrides: dict | None = None) -> ml_c
   spec = importlib.util.spec_from_file_location(f"unimage_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(arg) if arg else module.get_config()
   for dotted, value in (overrides or {}).items():
     node = config
     *parents, leaf = dotted.split(".")

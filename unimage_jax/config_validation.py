@@ -117,6 +117,12 @@ def _optim_errors(c: ml_collections.ConfigDict) -> list[str]:
   unknown = sorted(set(o.frozen_groups) - set(PARAM_GROUPS))
   if unknown:
     errors.append(f"config.optim.frozen_groups has unknown groups {unknown}; known: {PARAM_GROUPS}")
+  for loss_name, groups in o.loss_groups.items():
+    if loss_name not in ("ce", "mse"):
+      errors.append(f"config.optim.loss_groups has unknown loss {loss_name!r}; use 'ce' and 'mse'")
+    bad = sorted(set(groups) - set(PARAM_GROUPS))
+    if bad:
+      errors.append(f"config.optim.loss_groups.{loss_name} has unknown groups {bad}; known: {PARAM_GROUPS}")
   if t.steps <= 0:
     errors.append(f"config.train.steps={t.steps} must be positive")
   if t.grad_accum_steps <= 0:

@@ -187,6 +187,25 @@ class LazyTree:
     return self._meta.keys()
 
 
+def has_item(directory: str, step: int, item: str) -> bool:
+  """Whether a step directory holds ``item`` (e.g. the trainer's optional ``ema``)."""
+  return os.path.isdir(os.path.join(_abs(directory), str(step), item))
+
+
+def restore_item(directory: str, step: int, item: str) -> PyTree:
+  """One pure-dict item of a step as a numpy tree, read array by array."""
+  ckpt = LazyCheckpoint(directory, step)
+  meta = ckpt.metadata(item)
+  tree: dict = {}
+  for kp, _ in jax.tree_util.tree_flatten_with_path(meta)[0]:
+    path = tuple(k.key for k in kp)
+    node = tree
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = ckpt.get(item, path)
+  return tree
+
+
 def restore_params(directory: str, step: int | None = None,
                    config: ml_collections.ConfigDict | None = None) -> tuple[PyTree, PyTree, ml_collections.ConfigDict]:
   """(params, tables, config) of a step (latest by default) as numpy trees, one array at a time.
@@ -195,16 +214,5 @@ def restore_params(directory: str, step: int | None = None,
   is the restored trees plus one array in flight, with no second copy.
   """
   config = load_config_json(directory) if config is None else config
-  ckpt = LazyCheckpoint(directory, step)
-  out = []
-  for item in ITEMS:
-    meta = ckpt.metadata(item)
-    paths = [tuple(k.key for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(meta)[0]]
-    tree: dict = {}
-    for path in paths:
-      node = tree
-      for p in path[:-1]:
-        node = node.setdefault(p, {})
-      node[path[-1]] = ckpt.get(item, path)
-    out.append(tree)
-  return out[0], out[1], config
+  step = latest_step(directory) if step is None else step
+  return restore_item(directory, step, "params"), restore_item(directory, step, "tables"), config

@@ -14,6 +14,7 @@ error, and the previous good one is used.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from unimage_jax.interchange import orbax_io
 from unimage_jax.training.state import TrainState
 
 
@@ -37,6 +39,11 @@ class Restored:
   state: TrainState
   step: int
   data_restored: bool
+
+
+def _chunked(tree):
+  """Storage chunks of at most 64 MB, so exporters can stream a large array chunk by chunk."""
+  return jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=orbax_io.CHUNK_BYTES), tree)
 
 
 def _with_shardings(abstract, shardings):
@@ -55,6 +62,9 @@ class Checkpointer:
         create=True,
     )
     self.manager = ocp.CheckpointManager(directory, options=options)
+    if jax.process_index() == 0:  # export/import tools read the config next to the steps
+      with open(os.path.join(directory, orbax_io.CONFIG_NAME), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
     self._sigterm = False
     self._previous_handler = None
     self._last_saved = self.manager.latest_step()
@@ -77,8 +87,8 @@ class Checkpointer:
       return False
     self._last_saved = step
     items = dict(
-        params=ocp.args.StandardSave(state.params),
-        tables=ocp.args.StandardSave(state.tables),
+        params=ocp.args.StandardSave(state.params, save_args=_chunked(state.params)),
+        tables=ocp.args.StandardSave(state.tables, save_args=_chunked(state.tables)),
         opt_state=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.JsonSave({
             "step": step,
@@ -88,7 +98,7 @@ class Checkpointer:
         }),
     )
     if state.ema is not None:
-      items["ema"] = ocp.args.StandardSave(state.ema)
+      items["ema"] = ocp.args.StandardSave(state.ema, save_args=_chunked(state.ema))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)

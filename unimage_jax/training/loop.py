@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from typing import Any
 
@@ -30,6 +31,25 @@ def _progress(total: int, initial: int):
   return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
+def _init_from(state, config: ml_collections.ConfigDict, shardings):
+  """Starts from another run's params (e.g. stage 2 from stage 1): fresh optimizer, same shapes."""
+  from unimage_jax.interchange import orbax_io
+  source = config.train.init_from
+  ckpt_dir = os.path.join(source, "checkpoints") if os.path.isdir(os.path.join(source, "checkpoints")) else source
+  try:
+    params, tables, _ = orbax_io.restore_params(ckpt_dir, None, config)
+  except FileNotFoundError as e:
+    raise ConfigError(f"config.train.init_from={source!r}: {e}") from e
+  mismatch = [f"{jax.tree_util.keystr(p)}: {a.shape} vs {b.shape}" for (p, a), b in
+              zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(params)) if a.shape != b.shape]
+  if jax.tree.structure(state.params) != jax.tree.structure(params) or mismatch:
+    raise ConfigError(f"config.train.init_from={source!r} does not match this model: {mismatch[:10] or 'different tree'}")
+  params = jax.device_put(jax.tree.map(lambda x, p: x.astype(p.dtype), params, state.params), shardings.params)
+  ema = None if state.ema is None else jax.device_put(jax.tree.map(lambda x: x.astype("float32"), params), shardings.ema)
+  logging.warning("initialised params from %s", ckpt_dir)
+  return state.replace(params=params, ema=ema, tables=jax.device_put(tables, shardings.tables))
+
+
 def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   """Runs ``config.train.steps`` steps in ``config.train.workdir``; returns the last logged metrics."""
   validate_config(config)
@@ -46,7 +66,9 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   optimizer = opt_lib.make_optimizer(config, abstract_params)
   abstract = state_lib.abstract_state(config, optimizer)
   shardings = state_lib.state_shardings(config, abstract, mesh)
-  data = data_source.make_data_iterator(config, mesh)
+  data = data_source.make_data_iterator(config, mesh)  # builds the default data on first use
+  if jax.process_index() == 0 and config.data.dataset != "synthetic":
+    shutil.copyfile(config.data.tokenizer_path, os.path.join(workdir, "tokenizer.model"))  # self-contained run
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config)
   ckpt.install_sigterm_handler()
@@ -54,6 +76,8 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   if restored is None:
     state = state_lib.init_state(config, optimizer, shardings)
     start = 0
+    if config.train.init_from:
+      state = _init_from(state, config, shardings)
   else:
     state, start = restored.state, restored.step
     logging.info("resumed from step %d (data position restored: %s)", start, restored.data_restored)

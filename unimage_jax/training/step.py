@@ -16,7 +16,7 @@ import optax
 
 from unimage_jax import losses
 from unimage_jax.model.functional import ModelDef
-from unimage_jax.training.optimizer import update_ema
+from unimage_jax.training.optimizer import group_labels, update_ema
 from unimage_jax.training.state import TrainState
 
 
@@ -26,6 +26,32 @@ def _micro_batches(batch, accum: int):
     b = x.shape[0]
     return jnp.swapaxes(x.reshape(b // accum, accum, *x.shape[1:]), 0, 1)
   return jax.tree.map(split, batch)
+
+
+def _routed_grad_fn(config: ml_collections.ConfigDict, mdef: ModelDef, routes: dict[str, tuple[str, ...]]):
+  """Per-loss parameter groups (stage 2, "disentangled expert learning").
+
+  The CE gradient reaches only ``routes['ce']`` groups and the flow gradient only ``routes['mse']``
+  groups, e.g. script writing trains the und expert and keyframe generation the gen expert even
+  though both share the joint attention. One forward pass, two cotangents through one VJP.
+  """
+
+  def parts(params, tables, micro, rng, totals):
+    model = mdef.bind(params, tables)
+    sums = losses.loss_sums(model, micro, rng, config.model, config.data.max_segments)
+    _, metrics = losses.combine(sums, config.loss, totals)
+    return (config.loss.ce_weight * metrics["ce"], config.loss.mse_weight * metrics["mse"]), sums
+
+  def grad_fn(params, tables, micro, rng, totals):
+    (ce, mse), vjp, sums = jax.vjp(lambda p: parts(p, tables, micro, rng, totals), params, has_aux=True)
+    one, zero = jnp.ones_like(ce), jnp.zeros_like(ce)
+    (g_ce,), (g_mse,) = vjp((one, zero)), vjp((zero, one))
+    labels = group_labels(params)
+    pick = lambda g, lab, name: g if lab in routes.get(name, ()) else jnp.zeros_like(g)
+    grads = jax.tree.map(lambda gc, gm, lab: pick(gc, lab, "ce") + pick(gm, lab, "mse"), g_ce, g_mse, labels)
+    return (ce + mse, sums), grads
+
+  return grad_fn
 
 
 def make_loss_and_grad(config: ml_collections.ConfigDict, mdef: ModelDef) -> Callable:
@@ -39,6 +65,9 @@ def make_loss_and_grad(config: ml_collections.ConfigDict, mdef: ModelDef) -> Cal
     return loss, sums
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  routes = {k: tuple(v) for k, v in config.optim.loss_groups.items()}
+  if routes:
+    grad_fn = _routed_grad_fn(config, mdef, routes)
 
   def loss_and_grad(params, tables, batch, rng):
     totals = losses.batch_normalizers(batch)

@@ -1,0 +1,58 @@
+"""Directs a storyboard: prompt -> script -> keyframes -> JSON, PNGs, HTML and a video hand-off.
+
+  python tools/direct.py --checkpoint=runs/tiny --prompt="Mila and Odo find a lantern" --output=runs/story
+  python tools/direct.py --checkpoint=runs/tiny --continue_from=runs/story/storyboard.json \
+      --prompt="Night falls" --shots=2 --output=runs/story2
+Sampling settings are the checkpoint config's ``inference`` block, overridable with --set key=value.
+"""
+
+import sys
+
+from absl import app, flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (or its checkpoints/ dir).", required=True)
+_PROMPT = flags.DEFINE_string("prompt", None, "The user's prompt (one line).", required=True)
+_OUTPUT = flags.DEFINE_string("output", "runs/storyboard", "Output directory.")
+_SHOTS = flags.DEFINE_integer("shots", None, "Upper bound on the number of (new) shots.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_MODE = flags.DEFINE_enum("mode", None, ["auto", "interleaved", "disentangled"], "Director layout.")
+_NO_EMA = flags.DEFINE_bool("no_ema", False, "Use the raw params even when an EMA is saved.")
+_CONTINUE = flags.DEFINE_string("continue_from", None, "storyboard.json of a story to continue.")
+_SET = flags.DEFINE_multi_string("set", [], "Override an inference setting, e.g. --set=cfg_text_scale=3.")
+
+
+def _apply_overrides(inference, overrides):
+  for item in overrides:
+    if "=" not in item:
+      raise app.UsageError(f"--set={item!r} must be key=value")
+    key, value = item.split("=", 1)
+    if key not in inference:
+      raise app.UsageError(f"--set: unknown inference setting {key!r}; known: {sorted(inference.keys())}")
+    old = inference[key]
+    inference[key] = type(old)(float(value)) if isinstance(old, (int, float)) and not isinstance(old, bool) else (
+        tuple(float(x) for x in value.split(",")) if isinstance(old, (tuple, list)) else value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from unimage_jax.director import Director, DirectorError
+  from unimage_jax import storyboard_io
+  try:
+    director = Director.from_checkpoint(_CHECKPOINT.value, step=_STEP.value, use_ema=not _NO_EMA.value)
+    _apply_overrides(director.inf, _SET.value)
+    context = storyboard_io.load_storyboard(_CONTINUE.value) if _CONTINUE.value else None
+    sb = director.direct(_PROMPT.value, shots=_SHOTS.value, seed=_SEED.value, mode=_MODE.value,
+                         continue_from=context)
+  except DirectorError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  paths = storyboard_io.save_storyboard(sb, _OUTPUT.value)
+  print(f"{len(sb.script.shots)} shots ({sb.mode}); repairs: {sb.repairs or 'none'}")
+  for name, path in paths.items():
+    print(f"  {name}: {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

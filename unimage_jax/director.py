@@ -1,0 +1,273 @@
+"""The director: prompt -> script (und expert, KV cache) -> one keyframe per shot (gen expert).
+
+Two layouts, mirroring the training tasks (``data_pipelines/sequence_plan.py``):
+
+* ``interleaved`` (stage-1 checkpoints): the model writes the header and the first frame line,
+  then each keyframe is sampled right after its frame line and its clean latents join the
+  context before the model writes the next video/frame lines.
+* ``disentangled`` (stage-2 checkpoints): the und expert writes the whole script first
+  (``[<Prompt> line] [rest of the script]``, the pre-context layout); then each keyframe k is
+  drawn from ``[script] [clean keyframes 1..k-1] [<Framek> line] [noised image]`` with
+  classifier-free guidance over three cache rows: full context, without text (keyframes only),
+  without images (script only), exactly the conditions conditioning dropout trained.
+
+Keyframes attend to earlier ones through their clean latents in the KV cache; a denoising step
+recomputes only the image tokens. Continuation: an existing storyboard's script (and keyframes)
+become the pre-context and the model writes further shots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines.sequence_plan import encode_lines, resize
+from unimage_jax import layout, pixel_codec, script_schema
+from unimage_jax.inference import chunks, flow
+from unimage_jax.inference.engine import Engine, SamplingParams
+from unimage_jax.inference.script_repair import UnrepairableScriptError, parse_or_repair
+from unimage_jax.interchange import orbax_io
+from unimage_jax.model import functional
+from unimage_jax.script_schema import Script
+from unimage_jax.tokenizer import Tokenizer
+
+MODES = ("auto", "interleaved", "disentangled")
+
+
+class DirectorError(ValueError):
+  """Bad prompt, checkpoint or settings; the message names what is wrong."""
+
+
+@dataclasses.dataclass
+class Storyboard:
+  prompt: str
+  script: Script  # validated (possibly repaired)
+  keyframes: list[np.ndarray]  # uint8 [H, W, 3], one per shot
+  raw_text: str  # what the model wrote
+  repairs: list[str]  # empty when the raw text was already valid
+  mode: str = "disentangled"
+  seed: int = 0
+
+
+def _checkpoint_dir(workdir: str) -> str:
+  if not os.path.isdir(workdir):
+    raise DirectorError(f"checkpoint directory {workdir} does not exist")
+  sub = os.path.join(workdir, "checkpoints")
+  return sub if os.path.isdir(sub) else workdir
+
+
+def _find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
+  for path in (os.path.join(workdir, "tokenizer.model"), config.data.tokenizer_path):
+    if path and os.path.exists(path):
+      return path
+  raise DirectorError(f"no tokenizer: neither {workdir}/tokenizer.model nor config.data.tokenizer_path="
+                      f"{config.data.tokenizer_path!r} exists")
+
+
+class Director:
+  """Holds a model and its tokenizer; ``direct`` turns a prompt into a storyboard."""
+
+  def __init__(self, config: ml_collections.ConfigDict, params, tables, tokenizer: Tokenizer):
+    self.config = config
+    self.inf = config.inference
+    self.tok = tokenizer
+    m = config.model
+    self.engine = Engine(functional.model_def(m), params, tables, m)
+    self.patch, self.down = m.latent_patch_size, m.pixel_downsample
+    self.image_size = config.data.image_size
+    self.grid = self.image_size // (self.down * self.patch)  # latent patches per side
+    if m.autoencoder != "pixel":
+      raise DirectorError("this director decodes with the pixel codec; config.model.autoencoder="
+                          f"{m.autoencoder!r} needs the VAE decoder (unimage_jax.vae)")
+
+  @classmethod
+  def from_checkpoint(cls, workdir: str, *, step: int | None = None, use_ema: bool = True) -> "Director":
+    ckpt_dir = _checkpoint_dir(workdir)
+    try:
+      config = orbax_io.load_config_json(ckpt_dir if os.path.exists(os.path.join(ckpt_dir, "config.json")) else workdir)
+    except FileNotFoundError as e:
+      raise DirectorError(str(e)) from e
+    if "inference" not in config:
+      from unimage_jax.config_base import base_config
+      config.inference = base_config().inference
+    try:
+      step = orbax_io.latest_step(ckpt_dir) if step is None else step
+      params, tables, _ = orbax_io.restore_params(ckpt_dir, step, config)
+      if use_ema and orbax_io.has_item(ckpt_dir, step, "ema"):
+        ema = orbax_io.restore_item(ckpt_dir, step, "ema")
+        params = jax.tree.map(lambda e, p: np.asarray(e).astype(p.dtype), ema, params)
+    except FileNotFoundError as e:
+      raise DirectorError(f"{workdir}: {e}") from e
+    tok = Tokenizer(_find_tokenizer(workdir, config), max_vocab_size=config.model.vocab_size)
+    return cls(config, params, tables, tok)
+
+  # ------------------------------------------------------------------ helpers
+  def _mode(self, mode: str | None) -> str:
+    mode = mode or self.inf.mode
+    if mode not in MODES:
+      raise DirectorError(f"mode {mode!r} must be one of {MODES}")
+    if mode == "auto":
+      t = self.config.data.tasks
+      return "disentangled" if float(t.get("keyframe", 0)) > 0 and float(t.get("script", 0)) > 0 else "interleaved"
+    return mode
+
+  def _text(self, lines: Sequence[str], close: bool = True, open_: bool = True) -> layout.TextSegment:
+    ids = ([self.tok.im_start] if open_ else []) + encode_lines(self.tok, lines) + ([self.tok.im_end] if close else [])
+    return layout.TextSegment(np.asarray(ids, np.int32), train=False)
+
+  def _image_segment(self, tokens: np.ndarray, noised: bool) -> layout.ImageSegment:
+    return layout.ImageSegment(tokens, self.grid, self.grid, noised, self.tok.vision_start, self.tok.vision_end)
+
+  def _encode(self, image: np.ndarray) -> np.ndarray:
+    tokens, _, _ = pixel_codec.image_to_tokens(resize(image, self.image_size), self.down, self.patch)
+    return tokens
+
+  def _decode(self, tokens) -> np.ndarray:
+    return pixel_codec.tokens_to_image(np.asarray(tokens), self.grid, self.grid, self.down, self.patch)
+
+  def _sampling(self) -> SamplingParams:
+    return SamplingParams(float(self.inf.temperature), int(self.inf.top_k), float(self.inf.top_p))
+
+  def _guidance(self) -> flow.GuidanceParams:
+    g = self.inf
+    return flow.GuidanceParams(float(g.cfg_text_scale), float(g.cfg_img_scale), tuple(g.cfg_interval),
+                               g.cfg_renorm_type, float(g.cfg_renorm_min))
+
+  def _generate(self, cache, logits, rng, max_new: int):
+    """Samples one text segment (until ``<|im_end|>``); returns (cache, text, stopped)."""
+    cache, tokens = self.engine.generate(cache, logits, rng, max_new=max_new, stop_ids=[self.tok.im_end],
+                                         sampling=self._sampling())
+    ids = [int(t) for t in np.asarray(tokens[0]) if t >= 0]
+    stopped = bool(ids) and ids[-1] == self.tok.im_end
+    return cache, self.tok.decode([i for i in ids if i != self.tok.im_end]), stopped
+
+  def _sample_keyframe(self, cache, rng, rows: int):
+    noised = self._image_segment(np.zeros((self.grid * self.grid, self.engine.latent_dim), np.float32), True)
+    chunk = chunks.chunk_from_segments([[noised]] * rows, cache, self.config.model)
+    latents = self.engine.sample_image(cache, chunk, rng, num_steps=int(self.inf.num_steps),
+                                       shift=float(self.inf.timestep_shift), guidance=self._guidance())
+    return np.asarray(latents)
+
+  # ------------------------------------------------------------------ the two layouts
+  def _write_script(self, prompt: str, rng, context: Script | None):
+    """Disentangled: the whole script in one text segment after the (pre-)context segment."""
+    cache = self.engine.new_cache(1, int(self.inf.cache_capacity))
+    if context is None:
+      ctx_lines = [f"<Prompt>: {prompt}"]
+    else:
+      ctx = dataclasses.replace(context, prompt=prompt)
+      ctx_lines = script_schema.render(ctx).splitlines()
+    cache, logits = self.engine.prefill(cache, [[self._text(ctx_lines), self._text([], close=False)]])
+    budget = int(self.inf.cache_capacity) - int(np.asarray(cache.length)[0]) - 1
+    cache, text, _ = self._generate(cache, logits, rng, min(int(self.inf.max_script_tokens), budget))
+    return "\n".join(ctx_lines) + "\n" + text
+
+  def _draw_disentangled(self, script: Script, rng, earlier: list[np.ndarray]) -> list[np.ndarray]:
+    guided = float(self.inf.cfg_text_scale) != 1.0 or float(self.inf.cfg_img_scale) != 1.0
+    rows = 3 if guided else 1
+    base = self.engine.new_cache(rows, int(self.inf.cache_capacity))
+    script_text = self._text(script_schema.render(script).splitlines())
+    # rows: full context, without text (keyframes only), without images (script only)
+    base, _ = self.engine.prefill(base, [[script_text], [], [script_text]][:rows])
+    images = list(earlier)
+    for img in earlier:
+      clean = self._image_segment(self._encode(img), False)
+      base, _ = self.engine.prefill(base, [[clean], [clean], []][:rows])
+    for k in range(len(earlier) + 1, len(script.shots) + 1):
+      frame = self._text([script_schema.frame_line(script, k)])
+      ctx, _ = self.engine.prefill(base, [[frame], [], [frame]][:rows])
+      rng, key = jax.random.split(rng)
+      latents = self._sample_keyframe(ctx, key, rows)
+      images.append(self._decode(latents))
+      clean = self._image_segment(latents, False)
+      base, _ = self.engine.prefill(base, [[clean], [clean], []][:rows])
+    return images
+
+  def _direct_interleaved(self, prompt: str, rng, shots: int | None, context: Storyboard | None):
+    cap = int(self.inf.cache_capacity)
+    cache = self.engine.new_cache(1, cap)
+    images: list[np.ndarray] = []
+    if context is None:
+      text = f"<Prompt>: {prompt}\n"
+      cache, logits = self.engine.prefill(cache, [[self._text([text.strip()], close=False)]])
+    else:  # replay the existing story as context, then continue after its last video line
+      old = dataclasses.replace(context.script, prompt=prompt)
+      lines = script_schema.header_lines(old) + [script_schema.frame_line(old, 1)]
+      cache, _ = self.engine.prefill(cache, [[self._text(lines)]])
+      for k, img in enumerate(context.keyframes, start=1):
+        tail = [script_schema.video_line(old, k)]
+        clean = self._image_segment(self._encode(img), False)
+        last = k == len(context.keyframes)
+        if not last:
+          tail.append(script_schema.frame_line(old, k + 1))
+        cache, logits = self.engine.prefill(cache, [[clean, self._text(tail, close=not last)]])
+        images.append(img)
+      text = script_schema.render(old)
+    while True:
+      budget = cap - int(np.asarray(cache.length)[0]) - self.grid * self.grid - 8
+      if budget <= 8:
+        break
+      rng, key = jax.random.split(rng)
+      cache, chunk_text, stopped = self._generate(cache, logits, key, min(int(self.inf.max_chunk_tokens), budget))
+      text += chunk_text
+      k = len(images) + 1
+      last_line = text.strip().splitlines()[-1] if text.strip() else ""
+      wants_image = stopped and last_line.startswith(f"<Frame{k}>")
+      if not wants_image or (shots is not None and k > shots):
+        break
+      rng, key = jax.random.split(rng)
+      latents = self._sample_keyframe(cache, key, 1)
+      images.append(self._decode(latents))
+      cache, logits = self.engine.prefill(cache, [[self._image_segment(latents, False), self._text([], close=False)]])
+    return text, images
+
+  # ------------------------------------------------------------------ public
+  def direct(self, prompt: str, *, shots: int | None = None, seed: int = 0, mode: str | None = None,
+             continue_from: Storyboard | None = None) -> Storyboard:
+    """Writes a script for ``prompt`` and draws its keyframes (``shots`` bounds the length)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+      raise DirectorError("the prompt is empty")
+    if "\n" in prompt or any(t in prompt for t in script_schema.CONTROL_TOKENS):
+      raise DirectorError("the prompt must be one line without control tokens (<|im_start|> ...)")
+    if shots is not None and shots < 1:
+      raise DirectorError(f"--shots={shots} must be >= 1")
+    prompt = prompt.strip()
+    mode = self._mode(mode)
+    n_old = len(continue_from.script.shots) if continue_from is not None else 0
+    max_shots = None if shots is None else n_old + shots
+    last_error = None
+    for attempt in range(int(self.inf.max_attempts)):
+      rng = jax.random.key(seed + 1000 * attempt)
+      if mode == "disentangled":
+        context = continue_from.script if continue_from is not None else None
+        raw = self._write_script(prompt, rng, context)
+      else:
+        raw, images = self._direct_interleaved(prompt, rng, max_shots, continue_from)
+      try:
+        script, repairs = parse_or_repair(raw, prompt, max_shots)
+      except UnrepairableScriptError as e:
+        last_error = e
+        continue
+      if mode == "interleaved" and not images:
+        last_error = UnrepairableScriptError("the model asked for no keyframe")
+        continue
+      if continue_from is not None and len(script.shots) <= n_old:
+        last_error = UnrepairableScriptError("the model wrote no new shot")
+        continue
+      if attempt:
+        repairs = [f"resampled {attempt} time(s): {last_error}"] + repairs
+      if mode == "disentangled":
+        earlier = continue_from.keyframes if continue_from is not None else []
+        images = self._draw_disentangled(script, jax.random.fold_in(rng, 1), earlier)
+      elif len(images) < len(script.shots):  # a repaired script may keep a shot whose image was not drawn
+        script = dataclasses.replace(script, shots=script.shots[:len(images)])
+        repairs.append(f"kept the {len(images)} shots that have keyframes")
+      images = images[:len(script.shots)]
+      return Storyboard(prompt, script, images, raw, repairs, mode, seed)
+    raise DirectorError(f"no valid script after {self.inf.max_attempts} attempts: {last_error}")
