@@ -3,5 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . tools/setup_env.sh
+# Headless Chromium + its driver for the storyboard browser test (Debian packages).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq >/dev/null && \
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || echo "warning: could not install chromium; the browser test will be skipped" >&2
+  fi
+fi
 export JAX_PLATFORMS=cpu
 python -m pytest -q -p no:cacheprovider --timeout=1200 tests "$@"

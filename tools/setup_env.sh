@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
+python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # The CPU build of torch first (any other torch request pulls a multi-GB CUDA build).
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test,torch${UNIMAGE_EXTRAS:+,$UNIMAGE_EXTRAS}]"
