@@ -9,4 +9,5 @@ def get_config(stage: str = "stage1"):
   # hidden 256 > the 192-dim latent tokens: the velocity head must carry the noise through
   c.model.update(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
                  mlp_dim=768, vocab_size=1024, compute_dtype="float32")
+  c.train.update(steps=300, log_every=20, checkpoint_every=100)
   return apply_stage(c, stage)
