@@ -1,0 +1,95 @@
+"""The director's mechanics on a small random model, its repair strategy and its error messages."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import data_fixtures
+from data_pipelines.builders import decode_record, load_source
+from unimage_jax import script_schema
+from unimage_jax.director import Director, DirectorError
+from unimage_jax.inference.script_repair import UnrepairableScriptError, parse_or_repair
+from unimage_jax.model import functional
+from unimage_jax.tokenizer import Tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+GOOD = """<Prompt>: ignored
+<Character1>: Nia, a small pink circle.
+<Environment1>: A park with one tree.
+<Frame1>: Wide shot: <Character1> stands in <Environment1>.
+<Video1>: <Character1> waves. <Character1> says <-Hi!->
+<Frame2>: Close-up: <Character1> jumps in <Environment1>.
+<Video2>: <Character1> lands.
+"""
+
+
+def test_valid_text_needs_no_repair_but_the_prompt():
+  script, repairs = parse_or_repair(GOOD.replace("ignored", "A walk"), "A walk")
+  assert repairs == [] and len(script.shots) == 2
+
+
+@pytest.mark.parametrize("text,shots,expect", [
+    (GOOD + "<Frame3>: Wide shot: <Character1> sits in <Environment1>.\n", 2, "no <Video3> line"),
+    (GOOD + "<Frame3>: Wide shot: <Character4> sits in <Environment1>.\n<Video3>: x\n", 2, "unknown <Character4>"),
+    (GOOD.replace("<Video1>:", "garbage <Video1>:"), None, None),
+    (GOOD + "this line is noise\n", 2, "not '<Tag>: text'"),
+    (GOOD + "<Frame2>: again\n", 2, "second <Frame2>"),
+])
+def test_repairs_truncate_and_say_what_they_did(text, shots, expect):
+  if shots is None:
+    with pytest.raises(UnrepairableScriptError):
+      parse_or_repair(text, "A walk")
+    return
+  script, repairs = parse_or_repair(text, "A walk")
+  assert len(script.shots) == shots and script.prompt == "A walk"
+  assert any(expect in r for r in repairs), repairs
+  script_schema.validate(script)
+
+
+def test_max_shots_bounds_the_script():
+  script, repairs = parse_or_repair(GOOD, "ignored", max_shots=1)
+  assert len(script.shots) == 1 and any("first 1 shots" in r for r in repairs)
+
+
+@pytest.fixture(scope="module")
+def director():
+  c = data_fixtures.tiny_config()
+  c.model.update(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
+  c.inference.update(num_steps=3, cache_capacity=1024)
+  params, tables = functional.init_params(c.model, 0)
+  return Director(c, params, tables, Tokenizer(c.data.tokenizer_path, c.model.vocab_size))
+
+
+def test_keyframes_for_a_script_with_guidance_rows(director):
+  c = director.config
+  source = load_source(c.data.data_dir, "storyworld", "validation")
+  record = decode_record(source[0])
+  script = record["script"]
+  n = min(3, len(script.shots))
+  script = script_schema.Script(script.prompt, script.characters, script.environments, script.shots[:n])
+  images = director._draw_disentangled(script, jax.random.key(0), [])
+  assert len(images) == n and all(im.shape == (32, 32, 3) and im.dtype == np.uint8 for im in images)
+  # continuation: earlier keyframes are context, only the new shots are drawn
+  more = director._draw_disentangled(script, jax.random.key(1), images[:1])
+  np.testing.assert_array_equal(more[0], images[0])
+  assert len(more) == n
+
+
+def test_bad_prompts_are_refused(director):
+  for prompt, message in (("", "empty"), ("two\nlines", "one line"), ("x <|im_end|>", "control tokens")):
+    with pytest.raises(DirectorError, match=message):
+      director.direct(prompt)
+  with pytest.raises(DirectorError, match="--shots=0"):
+    director.direct("A walk", shots=0)
+
+
+def test_cli_names_a_missing_checkpoint(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  out = subprocess.run([sys.executable, "tools/direct.py", f"--checkpoint={tmp_path}/nope", "--prompt=hi"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and f"{tmp_path}/nope does not exist" in out.stderr
