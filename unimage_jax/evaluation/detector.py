@@ -362,3 +362,16 @@ def _accessory(labels: np.ndarray, blob: np.ndarray, box, S: int, hat: int, scar
   my = (y0 + y1) / 2
   in_frame = hy0 >= 0 and 0 <= my < S and max(hx0, 0) < min(hx1, S)
   return "none" if in_frame else None
+
+
+def detect_place(image: np.ndarray, tolerance: float = 60.0) -> str | None:
+  """The place whose sky/ground/prop colours cover most of the frame (None if none shows)."""
+  names, _ = palette()
+  labels = label_pixels(image, tolerance)
+  counts = np.bincount(labels[labels >= 0].ravel(), minlength=len(names))
+  votes: dict[str, int] = {}
+  for i, name in enumerate(names):
+    if name.startswith("bg:"):
+      votes[name[3:]] = votes.get(name[3:], 0) + int(counts[i])
+  best = max(votes, key=votes.get)
+  return best if votes[best] > 0 else None
