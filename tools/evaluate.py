@@ -93,16 +93,18 @@ def validation_records(config, n: int) -> list[dict]:
                                   pipeline.default_build_name(config))
   except Exception as e:  # noqa: BLE001 - any failure to open the split is a prompt-set error
     raise EvalError(f"cannot load the validation split of {d.dataset!r} under {d.data_dir}: {e}") from None
-  records = [builders.decode_record(source[i]) for i in range(min(n, len(source)))]
+  # the stored order is not the story order: sort by story id (validation_0000007) and take the first n
+  records = sorted((builders.decode_record(source[i]) for i in range(len(source))), key=lambda r: r["story_id"])[:n]
   if n > len(records):
     if d.dataset != "storyworld":
       raise EvalError(f"the validation split holds {len(records)} stories, fewer than --num_prompts={n}")
     print(f"validation split holds {len(records)} stories; continuing its held-out stream in memory "
           f"for {n - len(records)} more")
     size = records[0]["keyframes"][0].shape[0] if records else d.image_size
+    have = {r["story_id"] for r in records}
     b = StoryWorld(data_dir=os.path.join(d.data_dir, ".eval_unused"), config=make_config(d.num_stories, size, 0, n))
-    for i, (_, ex) in enumerate(b._generate_examples("validation", n)):
-      if i >= len(records):
+    for key, ex in b._generate_examples("validation", n):
+      if key not in have:
         records.append(builders.decode_record(ex))
   for r in records:
     check_prompts([r["script"].prompt], f"validation story {r['story_id']}")
