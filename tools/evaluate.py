@@ -2,7 +2,7 @@
 
   python tools/evaluate.py --ground_truth --num_prompts=100            # upper bound row
   python tools/evaluate.py --checkpoint=runs/stage1 --label=stage-1 \
-      --checkpoint=runs/stage2 --label=stage-1+2 --num_prompts=50 --output=eval_out
+      --checkpoint=runs/stage2 --label=stage-1+2 --num_prompts=50 --output=artifacts/eval
 
 Prompts come from the StoryWorld validation split that ``ensure_dataset`` builds for --config
 (only the prompts are given to the director). Writes <output>/<label>.jsonl (one line per story),
@@ -16,8 +16,10 @@ import os
 import re
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config naming the StoryWorld data.")
 _CHECKPOINT = flags.DEFINE_multi_string("checkpoint", [], "A training workdir to evaluate (repeatable).")
@@ -30,7 +32,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _USE_EMA = flags.DEFINE_bool("use_ema", True, "Use EMA weights when the checkpoint has them.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line, instead of "
                                     "the validation split (checkpoints only: there is no ground truth).")
-_OUTPUT = flags.DEFINE_string("output", "eval_out", "Output directory.")
+_OUTPUT = flags.DEFINE_string("output", "artifacts/eval", "Output directory.")
 
 GT_LABEL = "ground truth (upper bound)"
 
@@ -79,18 +81,15 @@ def validation_records(config, n: int) -> list[dict]:
   d = config.data
   if n < 1:
     raise EvalError(f"--num_prompts must be >= 1, got {n}")
-  try:
-    builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config, pipeline.default_build_name(config))
-  except builders.DatasetNotBuiltError:
-    if d.dataset != "storyworld":
-      raise EvalError(f"dataset {d.dataset!r} is not built under {d.data_dir}") from None
+  # StoryWorld: the build ensure_dataset makes for this config (its size), built here if missing
+  name = d.dataset_config or (pipeline.default_build_name(config) if d.dataset == "storyworld" else "")
+  if d.dataset == "storyworld" and name not in builders.built_configs(d.data_dir, d.dataset):
     print(f"building StoryWorld ({d.num_stories} stories, {d.image_size}px) into {d.data_dir}")
     builders.build_storyworld(d.data_dir, d.num_stories, d.image_size, seed=0)
-  except FileNotFoundError as e:
-    raise EvalError(f"cannot load the prompt set: {e}") from None
   try:
-    source = builders.load_source(d.data_dir, d.dataset, "validation", d.dataset_config,
-                                  pipeline.default_build_name(config))
+    source = builders.load_source(d.data_dir, d.dataset, "validation", name)
+  except builders.DatasetNotBuiltError:
+    raise EvalError(f"dataset {d.dataset!r} is not built under {d.data_dir}") from None
   except Exception as e:  # noqa: BLE001 - any failure to open the split is a prompt-set error
     raise EvalError(f"cannot load the validation split of {d.dataset!r} under {d.data_dir}: {e}") from None
   # the stored order is not the story order: sort by story id (validation_0000007) and take the first n
