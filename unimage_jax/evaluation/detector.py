@@ -76,12 +76,10 @@ class Detection:
 def place_colours(place_name: str) -> tuple[tuple[int, int, int], ...]:
   """Every colour of an empty place (sky, ground, prop), read off renders of the empty place."""
   place = next(p for p in cast_lib.PLACES if p.name == place_name)
-  seen: set[tuple[int, int, int]] = set()
-  for shot_size in ("Wide shot",):
-    story = Story(None, [], [place], [{"env": 0, "shot_size": shot_size, "subject": 0, "characters": []}])
-    img = renderer.render_shot(story, 0, 128)[0]  # [128, 128, 3]
-    seen |= {tuple(int(v) for v in c) for c in np.unique(img.reshape(-1, 3), axis=0)}
-  return tuple(sorted(seen))
+  # a wide shot shows the whole world, so every prop part is in frame
+  story = Story(None, [], [place], [{"env": 0, "shot_size": "Wide shot", "subject": 0, "characters": []}])
+  img = renderer.render_shot(story, 0, 128)[0]  # [128, 128, 3]
+  return tuple(sorted(tuple(int(v) for v in c) for c in np.unique(img.reshape(-1, 3), axis=0)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,7 +259,7 @@ def world_slot(centre_px: float, camera: Camera, size_px: int) -> int:
   return int(np.clip(np.floor(x * NUM_SLOTS), 0, NUM_SLOTS - 1))
 
 
-def detect(image: np.ndarray, camera: Camera | None = None, *, min_pixels: int = 3,
+def detect(image: np.ndarray, camera: Camera | None = None, *, min_pixels: int = 4,
            tolerance: float = 60.0) -> list[Detection]:
   """Characters in a keyframe. image: uint8 [S, S, 3] (any size the renderer draws)."""
   if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
@@ -312,16 +310,18 @@ def detect(image: np.ndarray, camera: Camera | None = None, *, min_pixels: int =
 
 
 def _cut_sides(bbox, S: int, others: np.ndarray, hats: np.ndarray) -> dict[str, bool]:
-  """Which sides of a blob may be hidden: at the frame edge or touching another character."""
+  """Which sides of a blob may be hidden: at the frame edge or touching another character.
+
+  others, hats: bool [S, S] (other characters' colours; hat colour). A hat above a body is the
+  body's own accessory, so only other characters can hide its top.
+  """
   x0, y0, x1, y1 = bbox
   near = others | hats
-  def touches(sl) -> bool:
-    return bool(np.any(near[sl]))
   return {
-      "left": x0 == 0 or touches((slice(y0, y1), slice(max(x0 - 1, 0), x0))),
-      "right": x1 == S or touches((slice(y0, y1), slice(x1, min(x1 + 1, S)))),
-      "top": y0 == 0 or (touches((slice(max(y0 - 1, 0), y0), slice(x0, x1))) and not np.any(hats[max(y0 - 1, 0):y0, x0:x1])),
-      "bottom": y1 == S or touches((slice(y1, min(y1 + 1, S)), slice(x0, x1))),
+      "left": x0 == 0 or bool(np.any(near[y0:y1, x0 - 1])),
+      "right": x1 == S or bool(np.any(near[y0:y1, x1])),
+      "top": y0 == 0 or bool(np.any(others[y0 - 1, x0:x1])),
+      "bottom": y1 == S or bool(np.any(near[y1, x0:x1])),
   }
 
 
