@@ -193,7 +193,8 @@ def _place(a: int, b: int, length: float, mode: str) -> list[tuple[float, float]
   if mode == "high":
     return [(b - f - length, b - f) for f in (0.25, 0.75, 1.25)]
   c = (a + b) / 2
-  return [(c + d - length / 2, c + d + length / 2) for d in (-0.5, 0.0, 0.5)]
+  steps = (-0.5, -0.25, 0.0, 0.25, 0.5) if length < 12 else (-0.5, 0.0, 0.5)  # small bodies: finer
+  return [(c + d - length / 2, c + d + length / 2) for d in steps]
 
 
 def _fit(win: _Window, bbox: tuple[int, int, int, int], hmodes: Sequence[str], vmodes: Sequence[str],
@@ -306,7 +307,19 @@ def detect(image: np.ndarray, camera: Camera | None = None, *, min_pixels: int =
             fit=round(float(f.iou), 3),
             size_scores={k: round(v, 3) for k, v in f.size_scores.items()},
             shape_scores={k: round(v, 3) for k, v in f.shape_scores.items()}))
-  return out
+  return _drop_pieces(out)
+
+
+def _drop_pieces(dets: list[Detection]) -> list[Detection]:
+  """Keeps one detection per body: a same-coloured blob centred inside a bigger one's fitted
+  body is a piece of it (a neighbour or an accessory cut the body in two)."""
+  kept: list[Detection] = []
+  for d in sorted(dets, key=lambda d: -d.pixels):
+    cx, cy = (d.bbox[0] + d.bbox[2]) / 2, (d.bbox[1] + d.bbox[3]) / 2
+    inside = lambda k: k.full_box[0] <= cx <= k.full_box[2] and k.full_box[1] <= cy <= k.full_box[3]
+    if not any(k.colour == d.colour and inside(k) for k in kept):
+      kept.append(d)
+  return kept
 
 
 def _cut_sides(bbox, S: int, others: np.ndarray, hats: np.ndarray) -> dict[str, bool]:
