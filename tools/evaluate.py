@@ -137,11 +137,12 @@ def _fmt(v) -> str:
 
 
 def comparison_table(rows: dict[str, dict]) -> str:
-  lines = ["| label | stories | shots | validity | repaired | cast consistency | agreement | "
+  lines = ["| label | stories | shots | validity | repaired | interpretable | cast consistency | agreement | "
            "identity consistency | place accuracy |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for label, a in rows.items():
     lines.append(f"| {label} | {a['stories']} | {a['shots']} | {_fmt(a['validity'])} | {a['repaired']} | "
+                 f"{a['interpretable']} | "
                  f"{_fmt(a['cast_consistency'])} | {_fmt(a['agreement'])} | "
                  f"{_fmt(a['identity_consistency'])} | {_fmt(a['place_accuracy'])} |")
   return "\n".join(lines) + "\n"
