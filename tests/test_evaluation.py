@@ -209,6 +209,8 @@ def test_tool_errors(tmp_path):
     evaluate.read_prompts_file(str(tmp_path / "nope.txt"))
   with pytest.raises(evaluate.EvalError, match="nothing to evaluate"):
     evaluate.run(tiny.get_config(), [], [], False, 3, None, 0, str(tmp_path / "o"))
+  with pytest.raises(evaluate.EvalError, match="--shots"):
+    evaluate.run(tiny.get_config(), [str(tmp_path / "run")], [], False, 3, 0, 0, str(tmp_path / "o"))
   with pytest.raises(evaluate.EvalError, match="--label"):
     evaluate.run(tiny.get_config(), [str(tmp_path / "run")], ["a", "b"], False, 3, None, 0, str(tmp_path / "o"))
   c = tiny.get_config()

@@ -111,11 +111,6 @@ def validation_records(config, n: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ scoring
-def score_ground_truth(records: list[dict]) -> list[dict]:
-  from unimage_jax.evaluation import metrics
-  return [metrics.score_story(metrics.from_record(r)) for r in records]
-
-
 def score_checkpoint(workdir: str, prompts: list[tuple[str, str]], shots: int | None, seed: int,
                      step: int | None, use_ema: bool) -> list[dict]:
   from unimage_jax.evaluation import metrics
@@ -123,7 +118,10 @@ def score_checkpoint(workdir: str, prompts: list[tuple[str, str]], shots: int | 
     from unimage_jax.director import Director
   except ImportError as e:
     raise EvalError(f"unimage_jax.director is not available in this checkout ({e})") from None
-  director = Director.from_checkpoint(workdir, step=step, use_ema=use_ema)
+  try:
+    director = Director.from_checkpoint(workdir, step=step, use_ema=use_ema)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise EvalError(f"cannot load a director from {workdir!r}: {type(e).__name__}: {e}") from None
   out = []
   for i, (story_id, prompt) in enumerate(prompts):
     sb = director.direct(prompt, shots=shots, seed=seed + i)
@@ -173,6 +171,8 @@ def run(config, checkpoints: list[str], labels: list[str], ground_truth: bool, n
   """The whole evaluation; returns the averages per row label."""
   if not checkpoints and not ground_truth:
     raise EvalError("nothing to evaluate: pass --checkpoint=<workdir> and/or --ground_truth")
+  if shots is not None and shots < 1:
+    raise EvalError(f"--shots must be >= 1, got {shots}")
   if labels and len(labels) != len(checkpoints):
     raise EvalError(f"{len(labels)} --label for {len(checkpoints)} --checkpoint")
   for c in checkpoints:
@@ -190,7 +190,8 @@ def run(config, checkpoints: list[str], labels: list[str], ground_truth: bool, n
     prompts = [(r["story_id"], r["script"].prompt) for r in records]
   results: dict[str, list[dict]] = {}
   if ground_truth:
-    results[GT_LABEL] = score_ground_truth(records)
+    from unimage_jax.evaluation import metrics
+    results[GT_LABEL] = metrics.score_ground_truth(records)
   for c, label in zip(checkpoints, labels):
     results[label] = score_checkpoint(c, prompts, shots, seed, step, use_ema)
   return write_outputs(output, results)

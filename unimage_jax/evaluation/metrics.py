@@ -210,6 +210,11 @@ def identity_consistency(appearances: Iterable[list[detector.Detection]]) -> flo
   return kept / total if total else None
 
 
+def score_ground_truth(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Scores decoded StoryWorld records themselves: the upper bound (~1.0 on every metric)."""
+  return [score_story(from_record(r)) for r in records]
+
+
 def average(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """Means over stories (a metric a story cannot have, e.g. identity with 1 shot, is skipped)."""
   out: dict[str, Any] = {"stories": len(results), "shots": int(sum(r["shots"] for r in results))}

@@ -31,7 +31,9 @@ from unimage_jax.script_schema import Script, referenced
 _WORD = re.compile(r"[a-z]+")
 _CHAR = re.compile(r"<Character(\d+)>")
 _STANDS = re.compile(r"<Character(\d+)> stands (" + "|".join(map(re.escape, SLOT_WORDS)) + ")")
-# frame action wording (grammar._event) -> (slot change, new pose)
+# frame action wording (grammar._event writes these literals; it has no table to import) ->
+# (slot change, new pose). Longer phrases first ("talks while sitting" before "talks"); the
+# replay test against generated stories catches any drift from the grammar.
 _ACTIONS = (
     ("walks one step to the left", ("step", -1), None),
     ("walks one step to the right", ("step", 1), None),
