@@ -261,7 +261,7 @@ def world_slot(centre_px: float, camera: Camera, size_px: int) -> int:
 
 
 def detect(image: np.ndarray, camera: Camera | None = None, *, min_pixels: int = 4,
-           tolerance: float = 60.0) -> list[Detection]:
+           tolerance: float = 60.0, max_blobs: int = 32) -> list[Detection]:
   """Characters in a keyframe. image: uint8 [S, S, 3] (any size the renderer draws)."""
   if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
     raise ValueError(f"expected a square RGB image [S, S, 3], got shape {image.shape}")
@@ -273,8 +273,8 @@ def detect(image: np.ndarray, camera: Camera | None = None, *, min_pixels: int =
   n_char = len(cast_lib.COLOURS)
   hat, scarf = names.index("hat"), names.index("scarf")
   is_char = (labels >= 0) & (labels < n_char)  # [S, S]
-  out: list[Detection] = []
-  for ci, colour in enumerate(cast_lib.COLOURS):
+  blobs = []  # (pixels, colour index, blob mask, body mask)
+  for ci in range(n_char):
     own = labels == ci
     if np.count_nonzero(own) < min_pixels:
       continue
@@ -283,30 +283,36 @@ def detect(image: np.ndarray, camera: Camera | None = None, *, min_pixels: int =
       blob = comps == j
       body = blob & own
       count = int(np.count_nonzero(body))
-      if count < min_pixels:
-        continue
-      ys, xs = np.nonzero(body)
-      bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-      cut = _cut_sides(bbox, S, is_char & ~own, labels == hat)
-      care = ~((is_char & ~own) | (labels == scarf) | (labels == hat))
-      fits = _blob_fits(body, care, bbox, cut, zoom, S)
-      for f in fits:
-        known = _visible_fraction(f.box, S) >= 0.35
-        pose = f.pose
-        bottom_world = (f.box[3] / S - 0.5) / zoom + camera[1]
-        if pose == "standing" and bottom_world < renderer.GROUND_Y - 0.06:
-          pose = "jumping"
-        own_blob = blob if len(fits) == 1 else _box_mask(blob.shape, f.box) & blob
-        out.append(Detection(
-            colour=colour, shape=f.shape if known else None, size=f.size if known else None,
-            pose=pose if known else None, accessory=_accessory(labels, own_blob, f.box, S, hat, scarf),
-            bbox=_pixel_box(body & _box_mask(body.shape, f.box)) if len(fits) > 1 else bbox,
-            full_box=tuple(round(v, 2) for v in f.box),
-            slot=world_slot((f.box[0] + f.box[2]) / 2, camera, S),
-            pixels=count if len(fits) == 1 else int(np.count_nonzero(body & _box_mask(body.shape, f.box))),
-            fit=round(float(f.iou), 3),
-            size_scores={k: round(v, 3) for k, v in f.size_scores.items()},
-            shape_scores={k: round(v, 3) for k, v in f.shape_scores.items()}))
+      if count >= min_pixels:
+        blobs.append((count, ci, blob, body))
+  # a blotchy generated frame can hold many small blobs; fitting is per blob, so keep the biggest
+  blobs = sorted(blobs, key=lambda b: -b[0])[:max_blobs]
+  out: list[Detection] = []
+  for count, ci, blob, body in blobs:
+    colour = list(cast_lib.COLOURS)[ci]
+    own = labels == ci
+    ys, xs = np.nonzero(body)
+    bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    cut = _cut_sides(bbox, S, is_char & ~own, labels == hat)
+    care = ~((is_char & ~own) | (labels == scarf) | (labels == hat))
+    fits = _blob_fits(body, care, bbox, cut, zoom, S)
+    for f in fits:
+      known = _visible_fraction(f.box, S) >= 0.35
+      pose = f.pose
+      bottom_world = (f.box[3] / S - 0.5) / zoom + camera[1]
+      if pose == "standing" and bottom_world < renderer.GROUND_Y - 0.06:
+        pose = "jumping"
+      own_blob = blob if len(fits) == 1 else _box_mask(blob.shape, f.box) & blob
+      out.append(Detection(
+          colour=colour, shape=f.shape if known else None, size=f.size if known else None,
+          pose=pose if known else None, accessory=_accessory(labels, own_blob, f.box, S, hat, scarf),
+          bbox=_pixel_box(body & _box_mask(body.shape, f.box)) if len(fits) > 1 else bbox,
+          full_box=tuple(round(v, 2) for v in f.box),
+          slot=world_slot((f.box[0] + f.box[2]) / 2, camera, S),
+          pixels=count if len(fits) == 1 else int(np.count_nonzero(body & _box_mask(body.shape, f.box))),
+          fit=round(float(f.iou), 3),
+          size_scores={k: round(v, 3) for k, v in f.size_scores.items()},
+          shape_scores={k: round(v, 3) for k, v in f.shape_scores.items()}))
   return _drop_pieces(out)
 
 
