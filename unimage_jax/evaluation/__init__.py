@@ -1,0 +1,1 @@
+"""StoryWorld evaluation: a deterministic keyframe detector, script semantics and metrics."""
