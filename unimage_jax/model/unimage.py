@@ -98,12 +98,8 @@ class UniMAGE(nnx.Module):
     return h + jnp.take(self.latent_pos_embed[...], latent_pos, axis=0).astype(dtype)
 
   # ------------------------------------------------------------------ forward
-  def __call__(self, batch, noisy_latents: jax.Array, timesteps: jax.Array):
-    """Packed row -> (und hidden ``[B, Lu, E]`` after the final norm, velocity ``[B, Lg, Dl]``).
-
-    ``noisy_latents [B, Lg, Dl]`` replace ``batch['gen_latents']`` (clean tokens pass unchanged);
-    ``timesteps [B, Lg]`` are the shifted t of each latent token (0 for clean tokens).
-    """
+  def _inputs(self, batch, noisy_latents, timesteps):
+    """Embeddings, RoPE tables and concatenated visibility metadata of a row (or a chunk)."""
     cfg = self.cfg
     h_und = self.embed_und(batch)
     h_gen = self.embed_gen(noisy_latents, timesteps, batch["gen_latent_pos"])
@@ -111,9 +107,20 @@ class UniMAGE(nnx.Module):
     rope_gen = rope_tables(batch["gen_positions"], cfg.head_dim, cfg.rope_theta)
     meta = TokenMeta(*(jnp.concatenate([u, g], axis=1)
                        for u, g in zip(token_meta(batch, "und"), token_meta(batch, "gen"))))
-    h_und, h_gen = self.decoder(h_und, h_gen, rope_und, rope_gen, meta)
-    velocity = self.llm2vae(h_gen, jnp.dtype(cfg.compute_dtype)).astype(jnp.float32)
-    return h_und, velocity
+    return h_und, h_gen, rope_und, rope_gen, meta
+
+  def velocity(self, h_gen: jax.Array) -> jax.Array:
+    """Final gen hidden states -> latent velocity ``[B, Lg, Dl]`` (fp32)."""
+    return self.llm2vae(h_gen, jnp.dtype(self.cfg.compute_dtype)).astype(jnp.float32)
+
+  def __call__(self, batch, noisy_latents: jax.Array, timesteps: jax.Array):
+    """Packed row -> (und hidden ``[B, Lu, E]`` after the final norm, velocity ``[B, Lg, Dl]``).
+
+    ``noisy_latents [B, Lg, Dl]`` replace ``batch['gen_latents']`` (clean tokens pass unchanged);
+    ``timesteps [B, Lg]`` are the shifted t of each latent token (0 for clean tokens).
+    """
+    h_und, h_gen = self.decoder(*self._inputs(batch, noisy_latents, timesteps))
+    return h_und, self.velocity(h_gen)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """``[..., E] -> [..., V]`` in fp32 (untied lm_head)."""
@@ -125,14 +132,6 @@ class UniMAGE(nnx.Module):
     Returns (und hidden ``[B, Lu', E]``, velocity ``[B, Lg', Dl]``, new k, new v
     ``[layers, B, Lu'+Lg', Hkv, D]``). Used by the director for prefill, decoding and denoising.
     """
-    cfg = self.cfg
-    h_und = self.embed_und(chunk)
-    h_gen = self.embed_gen(noisy_latents, timesteps, chunk["gen_latent_pos"])
-    rope_und = rope_tables(chunk["und_positions"], cfg.head_dim, cfg.rope_theta)
-    rope_gen = rope_tables(chunk["gen_positions"], cfg.head_dim, cfg.rope_theta)
-    meta = TokenMeta(*(jnp.concatenate([u, g], axis=1)
-                       for u, g in zip(token_meta(chunk, "und"), token_meta(chunk, "gen"))))
-    h_und, h_gen, new_k, new_v = self.decoder.extend(h_und, h_gen, rope_und, rope_gen, meta,
+    h_und, h_gen, new_k, new_v = self.decoder.extend(*self._inputs(chunk, noisy_latents, timesteps),
                                                      cache_k, cache_v, cache_meta)
-    velocity = self.llm2vae(h_gen, jnp.dtype(cfg.compute_dtype)).astype(jnp.float32)
-    return h_und, velocity, new_k, new_v
+    return h_und, self.velocity(h_gen), new_k, new_v
