@@ -1,0 +1,45 @@
+"""Ahead-of-time compile of the real sharded train step for a TPU topology (needs the tpu extra)."""
+
+import pytest
+
+from unimage_jax import aot
+from unimage_jax.config_validation import ConfigError
+
+try:
+  import libtpu  # noqa: F401
+  HAVE_LIBTPU = True
+except ImportError:
+  HAVE_LIBTPU = False
+
+
+def test_topology_names():
+  assert aot.topology_spec("v5p-128") == ("v5p:4x4x4", "v5p")
+  assert aot.topology_spec("v5e:2x2") == ("v5e:2x2", "v5e")
+  with pytest.raises(ConfigError, match="--topology='v9-1'"):
+    aot.topology_spec("v9-1")
+
+
+@pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_tiny_train_step_compiles_for_v5e_2x2(tiny_config):
+  tiny_config.data.batch_size = 4
+  tiny_config.mesh.update(data=2, fsdp=2, tensor=1)
+  plan = aot.compile_train_step(tiny_config, "v5e:2x2")
+  assert plan.devices == 4 and plan.mesh == {"data": 2, "fsdp": 2, "tensor": 1}
+  assert plan.fits and 0 < plan.total_bytes < plan.hbm_bytes == 16 << 30
+  assert plan.argument_bytes > 0 and plan.temp_bytes > 0
+  assert plan.alias_bytes > 0  # the old state is donated to the new one
+  text = aot.report(plan, tiny_config)
+  assert "fits" in text and "v5e:2x2" in text
+  # the same plan on a chip half its size: refused, naming the knobs
+  plan.hbm_bytes = plan.total_bytes // 2  # pretend a smaller chip
+  assert not plan.fits
+  advice = aot.advice(plan, tiny_config)
+  assert "config.mesh.fsdp" in advice and "config.model.remat_policy=full" in advice and "batch_size" in advice
+
+
+def test_mesh_mismatch_refused_before_compiling(tiny_config):
+  if not HAVE_LIBTPU:
+    pytest.skip("libtpu is not installed")
+  tiny_config.mesh.update(data=3, fsdp=1, tensor=1)
+  with pytest.raises(ConfigError, match="has 3 devices but 4 are available"):
+    aot.compile_train_step(tiny_config, "v5e:2x2")

@@ -1,0 +1,162 @@
+"""Ahead-of-time planning of a TPU run from a CPU host: compile the real sharded train step for a
+TPU topology (libtpu's topology descriptions, no TPU attached) and report per-chip memory.
+
+Why: a 7B MoT run on a pod should be known to fit, and how fast it should be, before the pod is
+reserved. The compiled step is exactly the trainer's (same state shardings, donation, remat,
+attention implementation); only the devices are descriptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from unimage_jax import sharding
+from unimage_jax.config_validation import ConfigError, validate_config
+from unimage_jax.model import functional
+from unimage_jax.training import data_source, metrics as metrics_lib
+from unimage_jax.training import optimizer as opt_lib
+from unimage_jax.training import state as state_lib
+from unimage_jax.training import step as step_lib
+
+# Per-chip HBM (bytes) and the topology shape of the usual slice names ("v5p-128": TensorCores).
+HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+SLICES = {
+    "v4-8": "v4:2x2x1", "v4-32": "v4:2x2x4", "v4-64": "v4:2x4x4", "v4-128": "v4:4x4x4",
+    "v5p-8": "v5p:2x2x1", "v5p-32": "v5p:2x2x4", "v5p-128": "v5p:4x4x4", "v5p-256": "v5p:4x4x8",
+    "v5e-4": "v5e:2x2", "v5e-16": "v5e:4x4", "v5e-64": "v5e:8x8", "v5e-256": "v5e:16x16",
+    "v6e-4": "v6e:2x2", "v6e-16": "v6e:4x4", "v6e-64": "v6e:8x8", "v6e-256": "v6e:16x16",
+}
+
+
+class DoesNotFitError(RuntimeError):
+  """The compiled step needs more memory per chip than the chip has."""
+
+
+def topology_spec(name: str) -> tuple[str, str]:
+  """'v5p-128' or 'v5p:4x4x4' -> (libtpu topology name, chip generation)."""
+  spec = SLICES.get(name, name)
+  m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(x\d+)+)", spec)
+  if not m:
+    raise ConfigError(f"--topology={name!r}: use a slice name ({', '.join(sorted(SLICES))}) or "
+                      "generation:shape such as v5p:4x4x4")
+  return spec, m.group(1)
+
+
+def topology_devices(name: str):
+  try:
+    import libtpu  # noqa: F401
+  except ImportError as e:
+    raise ConfigError("ahead-of-time TPU compilation needs libtpu: pip install -e '.[tpu]'") from e
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  spec, _ = topology_spec(name)
+  return topologies.get_topology_desc(topology_name=spec, platform="tpu").devices
+
+
+@dataclasses.dataclass
+class Plan:
+  topology: str
+  devices: int
+  mesh: dict[str, int]
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  alias_bytes: int
+  hbm_bytes: int
+  flops_per_device: float | None
+  compile_seconds: float
+  compiled: Any = dataclasses.field(repr=False, default=None)
+
+  @property
+  def total_bytes(self) -> int:
+    """Peak per-device footprint: arguments + outputs + temporaries, minus donated (aliased) outputs."""
+    return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+  @property
+  def fits(self) -> bool:
+    return self.total_bytes <= self.hbm_bytes
+
+  def mfu(self, step_seconds: float, peak: float) -> float | None:
+    return None if not self.flops_per_device else self.flops_per_device / step_seconds / peak
+
+
+def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Plan:
+  """Lowers and compiles the sharded train step for ``topology``; returns the memory plan."""
+  validate_config(config)
+  devices = topology_devices(topology)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_mesh_compatible(config, mesh)
+  params, _ = functional.abstract_params(config.model)
+  optimizer = opt_lib.make_optimizer(config, params)
+  abstract = state_lib.abstract_state(config, optimizer)
+  shardings = state_lib.state_shardings(config, abstract, mesh)
+  state_spec = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch = data_source.batch_spec(config, mesh)
+  step = step_lib.jit_train_step(step_lib.make_train_step(config, functional.model_def(config.model), optimizer),
+                                 shardings, {k: v.sharding for k, v in batch.items()})
+  t0 = time.time()
+  with _mesh_context(mesh):
+    compiled = step.lower(state_spec, batch).compile()
+  elapsed = time.time() - t0
+  mem = compiled.memory_analysis()
+  _, generation = topology_spec(topology)
+  return Plan(
+      topology=topology, devices=len(devices), mesh=dict(mesh.shape),
+      argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+      temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
+      hbm_bytes=HBM_BYTES[generation], flops_per_device=metrics_lib.compiled_flops(compiled),
+      compile_seconds=elapsed, compiled=compiled)
+
+
+def _mesh_context(mesh: Mesh):
+  """Makes the mesh visible to code that needs it while tracing (the sharded attention kernel)."""
+  for name in ("set_mesh", "use_mesh"):
+    fn = getattr(jax.sharding, name, None) or getattr(jax, name, None)
+    if fn is not None:
+      return fn(mesh)
+  return mesh  # old jax: Mesh is itself a context manager
+
+
+def advice(plan: Plan, config: ml_collections.ConfigDict) -> str:
+  """What to turn when a plan does not fit, largest lever first."""
+  gib = lambda b: b / (1 << 30)
+  knobs = []
+  if plan.mesh.get("fsdp", 1) < plan.devices:
+    knobs.append(f"shard parameters and optimizer state wider: config.mesh.fsdp (now {plan.mesh.get('fsdp', 1)})")
+  if config.model.remat_policy != "full":
+    knobs.append(f"recompute more: config.model.remat_policy=full (now {config.model.remat_policy!r})")
+  knobs.append(f"fewer rows per step: config.data.batch_size (now {config.data.batch_size}; "
+               "config.train.grad_accum_steps keeps the global batch)")
+  knobs.append(f"shorter rows: config.data.und_len + gen_len (now {config.data.und_len} + {config.data.gen_len})")
+  if config.model.param_dtype == "float32":
+    knobs.append("config.model.param_dtype=bfloat16")
+  return (f"needs {gib(plan.total_bytes):.1f} GiB per chip, the chip has {gib(plan.hbm_bytes):.0f} GiB; turn: "
+          + "; ".join(knobs))
+
+
+def report(plan: Plan, config: ml_collections.ConfigDict) -> str:
+  gib = lambda b: f"{b / (1 << 30):.2f} GiB"
+  peak = metrics_lib.PEAK_FLOPS.get({"v4": "TPU v4", "v5e": "TPU v5e", "v5p": "TPU v5p", "v6e": "TPU v6e"}[
+      topology_spec(plan.topology)[1]])
+  lines = [
+      f"topology {plan.topology}: {plan.devices} devices, mesh {plan.mesh}, compiled in {plan.compile_seconds:.1f}s",
+      f"per device: arguments {gib(plan.argument_bytes)}, outputs {gib(plan.output_bytes)}, "
+      f"temporaries {gib(plan.temp_bytes)}, donated {gib(plan.alias_bytes)}",
+      f"per device total {gib(plan.total_bytes)} of {gib(plan.hbm_bytes)} HBM: {'fits' if plan.fits else 'DOES NOT FIT'}",
+  ]
+  if plan.flops_per_device:
+    tokens = config.data.batch_size * (config.data.und_len + config.data.gen_len)
+    lines.append(f"FLOPs per device per step {plan.flops_per_device:.3e} ({tokens} tokens per step)")
+    for mfu in (0.4, 0.5):
+      step_s = plan.flops_per_device / (peak * mfu)
+      lines.append(f"  at {mfu:.0%} MFU: {step_s:.2f} s/step, {tokens / step_s:,.0f} tokens/s")
+  return "\n".join(lines)
