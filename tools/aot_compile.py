@@ -30,6 +30,9 @@ def main(argv):
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except aot.DoesNotFitError as e:
+    print(f"error: does not fit: {e}", file=sys.stderr)
+    sys.exit(1)
   print(aot.report(plan, config))
   if _SERIALIZE.value:
     from jax.experimental import serialize_executable

@@ -37,7 +37,11 @@ SLICES = {
 
 
 class DoesNotFitError(RuntimeError):
-  """The compiled step needs more memory per chip than the chip has."""
+  """The step needs more memory per chip than the chip has (raised when XLA refuses to compile)."""
+
+  def __init__(self, message: str, plan: "Plan"):
+    super().__init__(message)
+    self.plan = plan
 
 
 def topology_spec(name: str) -> tuple[str, str]:
@@ -104,11 +108,23 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Plan
   step = step_lib.jit_train_step(step_lib.make_train_step(config, functional.model_def(config.model), optimizer),
                                  shardings, {k: v.sharding for k, v in batch.items()})
   t0 = time.time()
+  _, generation = topology_spec(topology)
   with _mesh_context(mesh):
-    compiled = step.lower(state_spec, batch).compile()
+    lowered = step.lower(state_spec, batch)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      needed = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+      plan = Plan(topology=topology, devices=len(devices), mesh=dict(mesh.shape), argument_bytes=0,
+                  output_bytes=0, temp_bytes=int(float(needed.group(1)) * (1 << 30)) if needed else 0,
+                  alias_bytes=0, hbm_bytes=HBM_BYTES[generation], flops_per_device=None,
+                  compile_seconds=time.time() - t0)
+      raise DoesNotFitError(f"the compiler ran out of HBM on {topology}: {str(e).splitlines()[0]}\n"
+                            f"{advice(plan, config)}", plan) from None
   elapsed = time.time() - t0
   mem = compiled.memory_analysis()
-  _, generation = topology_spec(topology)
   return Plan(
       topology=topology, devices=len(devices), mesh=dict(mesh.shape),
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
