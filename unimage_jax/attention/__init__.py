@@ -1,1 +1,2 @@
 from unimage_jax.attention.reference import reference_attention, visibility
+from unimage_jax.attention.dispatch import attention

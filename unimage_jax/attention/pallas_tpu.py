@@ -1,0 +1,478 @@
+"""Pallas TPU (Mosaic) flash attention for the MoT generalized causal mask, forward and backward.
+
+Layout inside the kernels: q/o ``[B, Hq, L, D]``, k/v ``[B, Hkv, L, D]`` (query head ``h`` reads
+key/value head ``h // G``, ``G = Hq / Hkv``), metadata ``[B, 4, L]`` int32 rows, logsumexp and
+the backward's ``delta = rowsum(dO * O)`` as ``[B, Hq, 1, L]`` fp32 rows. The mask is computed
+per tile from the metadata; no ``L x L`` array ever exists.
+
+Block skipping. :mod:`block_summary` classifies every (q-block, k-block) tile as EMPTY, PARTIAL
+or FULL before the kernel runs and compresses the classes into per-row lists that are passed as
+scalar-prefetch operands (SMEM). The innermost grid axis walks the list: its BlockSpec index maps
+read the list, so only non-empty key/value blocks are DMA'd; list padding repeats the last entry,
+so the pipeline issues no new copy for it and ``pl.when`` skips the compute. FULL tiles skip the
+mask evaluation. The dK/dV kernel walks the transposed lists (per key block, the visible query
+blocks, for each query head of the group).
+
+Kernels:
+* forward: grid (B, Hq, nq, nk) -> o, lse; fp32 online softmax.
+* dQ:      grid (B, Hq, nq, nk) -> dq.
+* dK/dV:   grid (B, Hkv, nk, G, nq) -> dk, dv, summed over the G query heads of the group.
+
+Queries that see no key (padding) output zeros and get zero gradients, like the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from unimage_jax import layout
+from unimage_jax.attention import block_summary as bs
+from unimage_jax.layout import TokenMeta
+
+MASK_VALUE = -1e30  # finite, so that fully masked rows never produce inf - inf
+_PAD_Q_SAMPLE = np.iinfo(np.int32).min
+_PAD_K_SAMPLE = np.iinfo(np.int32).min + 1
+
+# Row indices of the packed metadata operand.
+_SAMPLE, _SEGMENT, _ORDER, _KCODE = 0, 1, 2, 3
+# k-side kind codes
+_CODE_CAUSAL, _CODE_FULL, _CODE_NOISE = 0, 1, 2
+
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_K = 512
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def pad_meta(meta: TokenMeta, length: int) -> TokenMeta:
+  """Pads metadata ``[B, L]`` to ``length`` with padding tokens (kind PAD, sample -1)."""
+  pad = length - meta[0].shape[-1]
+  if pad == 0:
+    return TokenMeta(*(jnp.asarray(x, jnp.int32) for x in meta))
+  fills = (-1, -1, layout.KIND_PAD, 0)
+  return TokenMeta(*(jnp.pad(jnp.asarray(x, jnp.int32), ((0, 0), (0, pad)), constant_values=f)
+                     for x, f in zip(meta, fills)))
+
+
+def pack_meta(meta: TokenMeta, *, side: str) -> jax.Array:
+  """``[B, 4, L]`` int32 kernel metadata: sample (padding -> a sentinel that matches nothing on
+  the other side), segment, order and, for keys, a kind code (causal / full / noise)."""
+  s, g, kind, o = (jnp.asarray(x, jnp.int32) for x in meta)
+  pad = kind == layout.KIND_PAD
+  sentinel = _PAD_Q_SAMPLE if side == "q" else _PAD_K_SAMPLE
+  s = jnp.where(pad, sentinel, s)
+  code = jnp.where(kind == layout.KIND_NOISE, _CODE_NOISE,
+                   jnp.where((kind == layout.KIND_VIT) | (kind == layout.KIND_CLEAN),
+                             _CODE_FULL, _CODE_CAUSAL))
+  return jnp.stack([s, g, o, code.astype(jnp.int32)], axis=1)
+
+
+def _mask(qs, qg, qo, ks, kg, ko, kc):
+  """The visibility rule on broadcastable int32 operands (padding handled by the sentinels)."""
+  same_sample = qs == ks
+  same_segment = qg == kg
+  causal = ko <= qo
+  return same_sample & jnp.where(same_segment, causal | (kc != _CODE_CAUSAL),
+                                 causal & (kc != _CODE_NOISE))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(kv_idx_ref, kv_full_ref, kv_cnt_ref,  # scalar prefetch (SMEM)
+                q_ref, k_ref, v_ref, qm_ref, km_ref,  # inputs (VMEM blocks)
+                o_ref, lse_ref,  # outputs
+                m_scr, l_scr, acc_scr,  # scratch
+                *, scale, nq, nk, bq, bk):
+  b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  row = b * nq + i
+  cnt = kv_cnt_ref[row]
+  is_full = kv_full_ref[row * nk + t]
+
+  @pl.when(t == 0)
+  def _init():
+    m_scr[...] = jnp.full_like(m_scr, MASK_VALUE)
+    l_scr[...] = jnp.zeros_like(l_scr)
+    acc_scr[...] = jnp.zeros_like(acc_scr)
+
+  def step(masked: bool):
+    q = q_ref[...]
+    k = k_ref[...]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = s * scale
+    if masked:
+      mask = _mask(qm_ref[_SAMPLE][:, None], qm_ref[_SEGMENT][:, None], qm_ref[_ORDER][:, None],
+                   km_ref[_SAMPLE][None, :], km_ref[_SEGMENT][None, :], km_ref[_ORDER][None, :],
+                   km_ref[_KCODE][None, :])
+      s = jnp.where(mask, s, MASK_VALUE)
+    m_prev = m_scr[...][:, :1]
+    l_prev = l_scr[...][:, :1]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+    p = jnp.exp(s - m_next)
+    if masked:
+      p = jnp.where(mask, p, 0.0)
+    alpha = jnp.exp(m_prev - m_next)
+    l_next = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+    m_scr[...] = jnp.broadcast_to(m_next, m_scr.shape)
+    l_scr[...] = jnp.broadcast_to(l_next, l_scr.shape)
+    v = v_ref[...]
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+    acc_scr[...] = alpha * acc_scr[...] + pv
+
+  @pl.when((t < cnt) & (is_full == 0))
+  def _partial():
+    step(masked=True)
+
+  @pl.when((t < cnt) & (is_full != 0))
+  def _full():
+    step(masked=False)
+
+  @pl.when(t == nk - 1)
+  def _finish():
+    l = l_scr[...][:, :1]
+    seen = l > 0.0
+    inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+    o_ref[...] = (acc_scr[...] * inv).astype(o_ref.dtype)
+    lse = jnp.where(seen, m_scr[...][:, :1] + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    lse_ref[...] = jnp.broadcast_to(lse, (bq, 128)).T[:1, :]
+
+
+def _fwd(q, k, v, qm, km, lists: bs.BlockLists, *, scale, bq, bk, interpret):
+  bsz, hq, lp, d = q.shape
+  hkv = k.shape[1]
+  group = hq // hkv
+  nq, nk = lp // bq, lp // bk
+  kv_idx = lists.index.reshape(-1)
+  kv_full = lists.full.reshape(-1)
+  kv_cnt = lists.count.reshape(-1)
+
+  def kv_map(b, h, i, t, idx, full, cnt):
+    return b, h // group, idx[(b * nq + i) * nk + t], 0
+
+  def km_map(b, h, i, t, idx, full, cnt):
+    return b, 0, idx[(b * nq + i) * nk + t]
+
+  kernel = functools.partial(_fwd_kernel, scale=scale, nq=nq, nk=nk, bq=bq, bk=bk)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3,
+          grid=(bsz, hq, nq, nk),
+          in_specs=[
+              pl.BlockSpec((None, None, bq, d), lambda b, h, i, t, *_: (b, h, i, 0)),
+              pl.BlockSpec((None, None, bk, d), kv_map),
+              pl.BlockSpec((None, None, bk, d), kv_map),
+              pl.BlockSpec((None, 4, bq), lambda b, h, i, t, *_: (b, 0, i)),
+              pl.BlockSpec((None, 4, bk), km_map),
+          ],
+          out_specs=[
+              pl.BlockSpec((None, None, bq, d), lambda b, h, i, t, *_: (b, h, i, 0)),
+              pl.BlockSpec((None, None, 1, bq), lambda b, h, i, t, *_: (b, h, 0, i)),
+          ],
+          scratch_shapes=[
+              pltpu.VMEM((bq, 128), jnp.float32),
+              pltpu.VMEM((bq, 128), jnp.float32),
+              pltpu.VMEM((bq, d), jnp.float32),
+          ],
+      ),
+      out_shape=[
+          jax.ShapeDtypeStruct((bsz, hq, lp, d), q.dtype),
+          jax.ShapeDtypeStruct((bsz, hq, 1, lp), jnp.float32),
+      ],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="mot_flash_fwd",
+  )(kv_idx, kv_full, kv_cnt, q, k, v, qm, km)
+  return o, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dQ
+# --------------------------------------------------------------------------------------------
+
+
+def _dq_kernel(kv_idx_ref, kv_full_ref, kv_cnt_ref,
+               q_ref, k_ref, v_ref, qm_ref, km_ref, do_ref, lse_ref, di_ref,
+               dq_ref,
+               acc_scr,
+               *, scale, nq, nk):
+  b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  row = b * nq + i
+  cnt = kv_cnt_ref[row]
+  is_full = kv_full_ref[row * nk + t]
+
+  @pl.when(t == 0)
+  def _init():
+    acc_scr[...] = jnp.zeros_like(acc_scr)
+
+  def step(masked: bool):
+    q = q_ref[...]
+    k = k_ref[...]
+    v = v_ref[...]
+    do = do_ref[...]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = s * scale
+    lse = lse_ref[0][:, None]
+    di = di_ref[0][:, None]
+    p = jnp.exp(s - lse)
+    if masked:
+      mask = _mask(qm_ref[_SAMPLE][:, None], qm_ref[_SEGMENT][:, None], qm_ref[_ORDER][:, None],
+                   km_ref[_SAMPLE][None, :], km_ref[_SEGMENT][None, :], km_ref[_ORDER][None, :],
+                   km_ref[_KCODE][None, :])
+      p = jnp.where(mask, p, 0.0)
+    dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds = p * (dp - di) * scale
+    acc_scr[...] += lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+
+  @pl.when((t < cnt) & (is_full == 0))
+  def _partial():
+    step(masked=True)
+
+  @pl.when((t < cnt) & (is_full != 0))
+  def _full():
+    step(masked=False)
+
+  @pl.when(t == nk - 1)
+  def _finish():
+    dq_ref[...] = acc_scr[...].astype(dq_ref.dtype)
+
+
+def _dq(q, k, v, qm, km, do, lse, di, lists: bs.BlockLists, *, scale, bq, bk, interpret):
+  bsz, hq, lp, d = q.shape
+  hkv = k.shape[1]
+  group = hq // hkv
+  nq, nk = lp // bq, lp // bk
+  kv_idx = lists.index.reshape(-1)
+  kv_full = lists.full.reshape(-1)
+  kv_cnt = lists.count.reshape(-1)
+
+  def kv_map(b, h, i, t, idx, full, cnt):
+    return b, h // group, idx[(b * nq + i) * nk + t], 0
+
+  def km_map(b, h, i, t, idx, full, cnt):
+    return b, 0, idx[(b * nq + i) * nk + t]
+
+  q_map = lambda b, h, i, t, *_: (b, h, i, 0)
+  row_map = lambda b, h, i, t, *_: (b, h, 0, i)
+  kernel = functools.partial(_dq_kernel, scale=scale, nq=nq, nk=nk)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3,
+          grid=(bsz, hq, nq, nk),
+          in_specs=[
+              pl.BlockSpec((None, None, bq, d), q_map),
+              pl.BlockSpec((None, None, bk, d), kv_map),
+              pl.BlockSpec((None, None, bk, d), kv_map),
+              pl.BlockSpec((None, 4, bq), lambda b, h, i, t, *_: (b, 0, i)),
+              pl.BlockSpec((None, 4, bk), km_map),
+              pl.BlockSpec((None, None, bq, d), q_map),
+              pl.BlockSpec((None, None, 1, bq), row_map),
+              pl.BlockSpec((None, None, 1, bq), row_map),
+          ],
+          out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+          scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+      ),
+      out_shape=jax.ShapeDtypeStruct((bsz, hq, lp, d), q.dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="mot_flash_dq",
+  )(kv_idx, kv_full, kv_cnt, q, k, v, qm, km, do, lse, di)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dK, dV (transposed tiles: keys in sublanes, queries in lanes)
+# --------------------------------------------------------------------------------------------
+
+
+def _dkv_kernel(q_idx_ref, q_full_ref, q_cnt_ref,
+                q_ref, k_ref, v_ref, qm_ref, km_ref, do_ref, lse_ref, di_ref,
+                dk_ref, dv_ref,
+                dk_scr, dv_scr,
+                *, scale, nq, nk, group):
+  b, j, g, t = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+  row = b * nk + j
+  cnt = q_cnt_ref[row]
+  is_full = q_full_ref[row * nq + t]
+
+  @pl.when((g == 0) & (t == 0))
+  def _init():
+    dk_scr[...] = jnp.zeros_like(dk_scr)
+    dv_scr[...] = jnp.zeros_like(dv_scr)
+
+  def step(masked: bool):
+    q = q_ref[...]
+    k = k_ref[...]
+    v = v_ref[...]
+    do = do_ref[...]
+    st = lax.dot_general(k, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    st = st * scale  # [bk, bq]
+    pt = jnp.exp(st - lse_ref[...])  # lse row [1, bq]
+    if masked:
+      mask = _mask(qm_ref[_SAMPLE:_SAMPLE + 1, :], qm_ref[_SEGMENT:_SEGMENT + 1, :],
+                   qm_ref[_ORDER:_ORDER + 1, :],
+                   km_ref[_SAMPLE][:, None], km_ref[_SEGMENT][:, None], km_ref[_ORDER][:, None],
+                   km_ref[_KCODE][:, None])
+      pt = jnp.where(mask, pt, 0.0)
+    dv_scr[...] += lax.dot_general(pt.astype(do.dtype), do, (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+    dpt = lax.dot_general(v, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dst = pt * (dpt - di_ref[...]) * scale
+    dk_scr[...] += lax.dot_general(dst.astype(q.dtype), q, (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+  @pl.when((t < cnt) & (is_full == 0))
+  def _partial():
+    step(masked=True)
+
+  @pl.when((t < cnt) & (is_full != 0))
+  def _full():
+    step(masked=False)
+
+  @pl.when((g == group - 1) & (t == nq - 1))
+  def _finish():
+    dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _dkv(q, k, v, qm, km, do, lse, di, lists_t: bs.BlockLists, *, scale, bq, bk, interpret):
+  bsz, hq, lp, d = q.shape
+  hkv = k.shape[1]
+  group = hq // hkv
+  nq, nk = lp // bq, lp // bk
+  q_idx = lists_t.index.reshape(-1)
+  q_full = lists_t.full.reshape(-1)
+  q_cnt = lists_t.count.reshape(-1)
+
+  def qi(b, j, t, idx):
+    return idx[(b * nk + j) * nq + t]
+
+  q_map = lambda b, h, j, g, t, idx, *_: (b, h * group + g, qi(b, j, t, idx), 0)
+  row_map = lambda b, h, j, g, t, idx, *_: (b, h * group + g, 0, qi(b, j, t, idx))
+  qm_map = lambda b, h, j, g, t, idx, *_: (b, 0, qi(b, j, t, idx))
+  kv_map = lambda b, h, j, g, t, *_: (b, h, j, 0)
+  km_map = lambda b, h, j, g, t, *_: (b, 0, j)
+  kernel = functools.partial(_dkv_kernel, scale=scale, nq=nq, nk=nk, group=group)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3,
+          grid=(bsz, hkv, nk, group, nq),
+          in_specs=[
+              pl.BlockSpec((None, None, bq, d), q_map),
+              pl.BlockSpec((None, None, bk, d), kv_map),
+              pl.BlockSpec((None, None, bk, d), kv_map),
+              pl.BlockSpec((None, 4, bq), qm_map),
+              pl.BlockSpec((None, 4, bk), km_map),
+              pl.BlockSpec((None, None, bq, d), q_map),
+              pl.BlockSpec((None, None, 1, bq), row_map),
+              pl.BlockSpec((None, None, 1, bq), row_map),
+          ],
+          out_specs=[pl.BlockSpec((None, None, bk, d), kv_map),
+                     pl.BlockSpec((None, None, bk, d), kv_map)],
+          scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+      ),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+      interpret=interpret,
+      name="mot_flash_dkv",
+  )(q_idx, q_full, q_cnt, q, k, v, qm, km, do, lse, di)
+
+
+# --------------------------------------------------------------------------------------------
+# custom_vjp over the kernel layout
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash(q, k, v, qm, km, fwd_lists, bwd_lists, scale, bq, bk, interpret):
+  o, _ = _fwd(q, k, v, qm, km, fwd_lists, scale=scale, bq=bq, bk=bk, interpret=interpret)
+  return o
+
+
+def _flash_fwd(q, k, v, qm, km, fwd_lists, bwd_lists, scale, bq, bk, interpret):
+  o, lse = _fwd(q, k, v, qm, km, fwd_lists, scale=scale, bq=bq, bk=bk, interpret=interpret)
+  return o, (q, k, v, qm, km, fwd_lists, bwd_lists, o, lse)
+
+
+def _flash_bwd(scale, bq, bk, interpret, res, do):
+  q, k, v, qm, km, fwd_lists, bwd_lists, o, lse = res
+  di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)[:, :, None, :]
+  dq = _dq(q, k, v, qm, km, do, lse, di, fwd_lists, scale=scale, bq=bq, bk=bk,
+           interpret=interpret)
+  dk, dv = _dkv(q, k, v, qm, km, do, lse, di, bwd_lists, scale=scale, bq=bq, bk=bk,
+                interpret=interpret)
+  zeros = lambda tree: jax.tree.map(
+      lambda x: np.zeros(x.shape, jax.dtypes.float0), tree)
+  return dq, dk, dv, zeros(qm), zeros(km), zeros(fwd_lists), zeros(bwd_lists)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def plan(q_meta: TokenMeta, k_meta: TokenMeta, block_q: int, block_k: int):
+  """Tile classes and the forward / transposed block lists for padded metadata."""
+  classes = bs.classify_meta(q_meta, k_meta, block_q, block_k)
+  return classes, bs.block_lists(classes), bs.block_lists(jnp.swapaxes(classes, 1, 2))
+
+
+def flash_attention(
+    q: jax.Array,  # [B, L, Hq, D]
+    k: jax.Array,  # [B, L, Hkv, D]
+    v: jax.Array,  # [B, L, Hkv, D]
+    q_meta: TokenMeta,
+    k_meta: TokenMeta | None = None,
+    *,
+    scale: float | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+    interpret: bool = False,
+) -> jax.Array:  # [B, L, Hq, D]
+  """Fused MoT attention (self-attention: ``Lq == Lk``), differentiable in q, k, v.
+
+  Lengths that are not a multiple of the block sizes are padded with padding tokens and sliced
+  back; block sizes are clipped to the padded length so short inputs use one tile.
+  """
+  k_meta = q_meta if k_meta is None else k_meta
+  bsz, lq, hq, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  if lq != lk:
+    raise ValueError(f"self-attention kernel needs Lq == Lk, got {lq} and {lk}")
+  if hq % hkv:
+    raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+  scale = float(d**-0.5 if scale is None else scale)
+  step = int(np.lcm(block_q, block_k))
+  if lq <= step:  # a single tile: shrink it to the (8-aligned) length
+    block_q = block_k = step = _round_up(lq, 8)
+  lp = _round_up(lq, step)
+  pad = lp - lq
+  qm_ = pad_meta(q_meta, lp)
+  km_ = pad_meta(k_meta, lp)
+  _, fwd_lists, bwd_lists = plan(qm_, km_, block_q, block_k)
+  qm = pack_meta(qm_, side="q")
+  km = pack_meta(km_, side="k")
+
+  def to_kernel(x):
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
+    return jnp.swapaxes(x, 1, 2)
+
+  o = _flash(to_kernel(q), to_kernel(k), to_kernel(v), qm, km, fwd_lists, bwd_lists,
+             scale, block_q, block_k, interpret)
+  return jnp.swapaxes(o, 1, 2)[:, :lq]
