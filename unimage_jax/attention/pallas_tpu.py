@@ -77,12 +77,17 @@ def pack_meta(meta: TokenMeta, *, side: str) -> jax.Array:
 
 
 def _mask(qs, qg, qo, ks, kg, ko, kc):
-  """The visibility rule on broadcastable int32 operands (padding handled by the sentinels)."""
-  same_sample = qs == ks
+  """The visibility rule on broadcastable int32 operands (padding handled by the sentinels).
+
+  Every operand is broadcast to the tile shape before comparing, and only elementwise logic on
+  the resulting booleans follows (Mosaic lowers this well; no boolean broadcasts or selects).
+  """
+  shape = jnp.broadcast_shapes(qs.shape, ks.shape)
+  qs, qg, qo, ks, kg, ko, kc = (jnp.broadcast_to(x, shape) for x in (qs, qg, qo, ks, kg, ko, kc))
   same_segment = qg == kg
-  causal = ko <= qo
-  return same_sample & jnp.where(same_segment, causal | (kc != _CODE_CAUSAL),
-                                 causal & (kc != _CODE_NOISE))
+  causal = (ko <= qo) & (same_segment | (kc != _CODE_NOISE))
+  by_segment = same_segment & (kc != _CODE_CAUSAL)
+  return (qs == ks) & (causal | by_segment)
 
 
 # --------------------------------------------------------------------------------------------
