@@ -183,3 +183,21 @@ def visible_fraction(q_meta: TokenMeta, k_meta: TokenMeta | None = None,
     chunk = TokenMeta(*(x[:, start:start + query_chunk] for x in qm))
     total += int(np.sum(np.asarray(visibility(chunk, TokenMeta(*km)))))
   return total / (qm[0].shape[0] * lq * lk)
+
+
+def exact_tile_classes(q_meta: TokenMeta, k_meta: TokenMeta, block_q: int, block_k: int):
+  """Ground truth tile classes from the dense visibility, one query block at a time (numpy,
+  host side; O(block_q * Lk) memory). For reports and tests of :func:`classify`'s tightness."""
+  from unimage_jax.attention.reference import visibility  # local: avoid a cycle at import
+  qm = [np.asarray(x) for x in q_meta]
+  km = TokenMeta(*(np.asarray(x) for x in k_meta))
+  b, lq = qm[0].shape
+  lk = km[0].shape[-1]
+  out = np.zeros((b, lq // block_q, lk // block_k), np.int32)
+  vis_fn = jax.jit(visibility)
+  for i in range(lq // block_q):
+    chunk = TokenMeta(*(x[:, i * block_q:(i + 1) * block_q] for x in qm))
+    vis = np.asarray(vis_fn(chunk, km)).reshape(b, block_q, lk // block_k, block_k)
+    any_v, all_v = vis.any(axis=(1, 3)), vis.all(axis=(1, 3))
+    out[:, i] = np.where(all_v, FULL, np.where(any_v, PARTIAL, EMPTY))
+  return out
