@@ -28,3 +28,10 @@ def test_kernel_compiles_small_blocks_fp32():
                              dtype="float32")
   compiled = aot.compile_attention_step(mesh, shape, "pallas_tpu", block_q=128, block_k=256)
   assert aot.count_kernels(compiled) == 3
+
+
+def test_kernel_compiles_for_short_rows():
+  """Rows shorter than a block use one tile of the 8-aligned length (300 -> 304)."""
+  mesh = aot.topology_mesh("v5e:2x2", (4, 1, 1))
+  compiled = aot.compile_attention_step(mesh, aot.AttentionShape(4, 300, 8, 2, 128), "pallas_tpu")
+  assert aot.count_kernels(compiled) == 3
