@@ -44,8 +44,8 @@ def main(argv):
         f"heads {_HQ.value}/{_HKV.value}, head_dim {_D.value}, {_DTYPE.value}, "
         f"kernel blocks {_BQ.value}x{_BK.value}; per-device MiB from compiled.memory_analysis()")
   print()
-  print("| L | impl | arguments | outputs | temp | compile s |")
-  print("|---|---|---|---|---|---|")
+  print("| L | impl | arguments | outputs | temp | args+outputs+temp | compile s |")
+  print("|---|---|---|---|---|---|---|")
   for length in (int(x) for x in _LENGTHS.value):
     shape = aot.AttentionShape(_BATCH.value, length, _HQ.value, _HKV.value, _D.value,
                                _DTYPE.value)
@@ -56,10 +56,11 @@ def main(argv):
         stats = aot.memory_stats(aot.compile_attention_step(mesh, shape, impl, **kw))
       except Exception as e:  # report, e.g., an out-of-memory compile failure, and go on
         msg = str(e).splitlines()[0][:120]
-        print(f"| {length} | {impl} | compile failed: {msg} | | | {time.time() - t:.1f} |")
+        print(f"| {length} | {impl} | compile failed: {msg} | | | | {time.time() - t:.1f} |")
         continue
       print(f"| {length} | {impl} | {_mib(stats['argument_bytes'])} | "
             f"{_mib(stats['output_bytes'])} | {_mib(stats['temp_bytes'])} | "
+            f"{_mib(stats['argument_bytes'] + stats['output_bytes'] + stats['temp_bytes'])} | "
             f"{time.time() - t:.1f} |", flush=True)
 
 
