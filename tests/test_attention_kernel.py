@@ -143,3 +143,25 @@ def test_sharded_wrapper_on_cpu_mesh():
   res = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True,
                        env=env, timeout=600)
   assert "SHARDED_OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_default_blocks_single_tile(impl):
+  """Default (large) blocks on a short row: one tile covering the padded row."""
+  q, k, v, meta, w = _inputs(11, 4, 2, True)
+  out, grads = _fwd_and_grads(impl, None, None)(q, k, v, meta, w)
+  ref_out, ref_grads = _fwd_and_grads("ref", 0, 0)(q, k, v, meta, w)
+  np.testing.assert_allclose(out, ref_out, atol=TOL, rtol=0)
+  for g, rg in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, rg, atol=TOL, rtol=0)
+
+
+def test_bf16_gradients_close_to_reference():
+  q, k, v, meta, w = _inputs(6, 7, 1, False, dtype=jnp.bfloat16)
+  grads = _fwd_and_grads("pallas_tpu", 16, 32)(q, k, v, meta, w)[1]
+  ref = _fwd_and_grads("ref", 0, 0)(q, k, v, meta, w)[1]
+  for g, rg in zip(grads, ref):
+    assert g.dtype == jnp.bfloat16
+    scale = float(np.max(np.abs(np.asarray(rg, np.float32)))) + 1e-6
+    err = float(np.max(np.abs(np.asarray(g, np.float32) - np.asarray(rg, np.float32))))
+    assert err <= 3e-2 * scale, (err, scale)

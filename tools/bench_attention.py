@@ -54,7 +54,6 @@ def _causal_meta(length, sample_len=None, batch=1):
 
 
 def skip_report():
-  import numpy as np
   from unimage_jax.attention import block_summary as bs
   lengths = [int(x) for x in (_LENGTHS.value or ["8192", "16384", "32768"])]
   print("## Block skipping on StoryWorld-like packed rows")

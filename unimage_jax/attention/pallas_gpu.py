@@ -25,7 +25,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from unimage_jax.attention import block_summary as bs
 from unimage_jax.attention.pallas_tpu import (MASK_VALUE, _KCODE, _ORDER, _SAMPLE, _SEGMENT,
-                                              _mask, _round_up, pack_meta, pad_meta, plan)
+                                              _dot_nn, _dot_nt, _mask, _round_up, pack_meta,
+                                              pad_meta, plan)
 from unimage_jax.layout import TokenMeta
 
 DEFAULT_BLOCK_Q = 64
@@ -41,18 +42,6 @@ def _q_meta_cols(qm_ref):
 def _k_meta_rows(km_ref, sl):
   return (km_ref[_SAMPLE, sl][None, :], km_ref[_SEGMENT, sl][None, :],
           km_ref[_ORDER, sl][None, :], km_ref[_KCODE, sl][None, :])
-
-
-def _dot_nt(a, b):
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,6 +76,24 @@ def pack_meta(meta: TokenMeta, *, side: str) -> jax.Array:
   return jnp.stack([s, g, o, code.astype(jnp.int32)], axis=1)
 
 
+def _precision(dtype):
+  """fp32 operands get exact fp32 matmuls (Mosaic fp32 contraction / Triton IEEE); bf16 the
+  native MXU / tensor-core path."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _dot_nt(a, b):
+  """a @ b.T with fp32 accumulation."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                         precision=_precision(a.dtype))
+
+
+def _dot_nn(a, b):
+  """a @ b with fp32 accumulation."""
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                         precision=_precision(a.dtype))
+
+
 def _mask(qs, qg, qo, ks, kg, ko, kc):
   """The visibility rule on broadcastable int32 operands (padding handled by the sentinels).
 
@@ -114,7 +132,7 @@ def _fwd_kernel(kv_idx_ref, kv_full_ref, kv_cnt_ref,  # scalar prefetch (SMEM)
   def step(masked: bool):
     q = q_ref[...]
     k = k_ref[...]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = _dot_nt(q, k)
     s = s * scale
     if masked:
       mask = _mask(qm_ref[_SAMPLE][:, None], qm_ref[_SEGMENT][:, None], qm_ref[_ORDER][:, None],
@@ -132,8 +150,7 @@ def _fwd_kernel(kv_idx_ref, kv_full_ref, kv_cnt_ref,  # scalar prefetch (SMEM)
     m_scr[...] = jnp.broadcast_to(m_next, m_scr.shape)
     l_scr[...] = jnp.broadcast_to(l_next, l_scr.shape)
     v = v_ref[...]
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
+    pv = _dot_nn(p.astype(v.dtype), v)
     acc_scr[...] = alpha * acc_scr[...] + pv
 
   @pl.when((t < cnt) & (is_full == 0))
@@ -228,7 +245,7 @@ def _dq_kernel(kv_idx_ref, kv_full_ref, kv_cnt_ref,
     k = k_ref[...]
     v = v_ref[...]
     do = do_ref[...]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = _dot_nt(q, k)
     s = s * scale
     lse = lse_ref[0][:, None]
     di = di_ref[0][:, None]
@@ -238,10 +255,9 @@ def _dq_kernel(kv_idx_ref, kv_full_ref, kv_cnt_ref,
                    km_ref[_SAMPLE][None, :], km_ref[_SEGMENT][None, :], km_ref[_ORDER][None, :],
                    km_ref[_KCODE][None, :])
       p = jnp.where(mask, p, 0.0)
-    dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dp = _dot_nt(do, v)
     ds = p * (dp - di) * scale
-    acc_scr[...] += lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
+    acc_scr[...] += _dot_nn(ds.astype(k.dtype), k)
 
   @pl.when((t < cnt) & (is_full == 0))
   def _partial():
@@ -325,7 +341,7 @@ def _dkv_kernel(q_idx_ref, q_full_ref, q_cnt_ref,
     k = k_ref[...]
     v = v_ref[...]
     do = do_ref[...]
-    st = lax.dot_general(k, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    st = _dot_nt(k, q)
     st = st * scale  # [bk, bq]
     pt = jnp.exp(st - lse_ref[...])  # lse row [1, bq]
     if masked:
@@ -334,12 +350,10 @@ def _dkv_kernel(q_idx_ref, q_full_ref, q_cnt_ref,
                    km_ref[_SAMPLE][:, None], km_ref[_SEGMENT][:, None], km_ref[_ORDER][:, None],
                    km_ref[_KCODE][:, None])
       pt = jnp.where(mask, pt, 0.0)
-    dv_scr[...] += lax.dot_general(pt.astype(do.dtype), do, (((1,), (0,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
-    dpt = lax.dot_general(v, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dv_scr[...] += _dot_nn(pt.astype(do.dtype), do)
+    dpt = _dot_nt(v, do)
     dst = pt * (dpt - di_ref[...]) * scale
-    dk_scr[...] += lax.dot_general(dst.astype(q.dtype), q, (((1,), (0,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
+    dk_scr[...] += _dot_nn(dst.astype(q.dtype), q)
 
   @pl.when((t < cnt) & (is_full == 0))
   def _partial():
