@@ -2,7 +2,8 @@
 
 Shapes are fixed per test so jit compiles once; hypothesis varies the packed layouts (several
 samples per row, text / ViT / clean / noised segments, padding, optionally shuffled slots), which
-are data. L = 100 is not a multiple of the blocks (16 x 32), so the wrappers' padding is covered.
+are data. L = 100 and 77 are not multiples of the blocks (16 / 32), so the wrappers' padding is
+covered.
 """
 
 import functools
@@ -55,16 +56,19 @@ def _compare(impl, seed, hq, hkv, shuffle, block_q=16, block_k=32, **sizes):
 
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (7, 1)])
 @settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), shuffle=st.booleans())
-def test_tpu_kernel_matches_reference(hq, hkv, seed, shuffle):
-  _compare("pallas_tpu", seed, hq, hkv, shuffle)
+@given(seed=st.integers(0, 2**31 - 1), shuffle=st.booleans(),
+       blocks=st.sampled_from([(16, 32), (32, 16), (16, 16)]),
+       sizes=st.sampled_from([(60, 40), (45, 32)]))  # L = 100, 77
+def test_tpu_kernel_matches_reference(hq, hkv, seed, shuffle, blocks, sizes):
+  _compare("pallas_tpu", seed, hq, hkv, shuffle, *blocks, lu=sizes[0], lg=sizes[1])
 
 
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (7, 1)])
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), shuffle=st.booleans())
-def test_gpu_kernel_matches_reference(hq, hkv, seed, shuffle):
-  _compare("pallas_gpu", seed, hq, hkv, shuffle)
+@given(seed=st.integers(0, 2**31 - 1), shuffle=st.booleans(),
+       blocks=st.sampled_from([(16, 32), (32, 16)]))
+def test_gpu_kernel_matches_reference(hq, hkv, seed, shuffle, blocks):
+  _compare("pallas_gpu", seed, hq, hkv, shuffle, *blocks)
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
