@@ -195,3 +195,36 @@ def test_bf16_gradients_close_to_reference():
     scale = float(np.max(np.abs(np.asarray(rg, np.float32)))) + 1e-6
     err = float(np.max(np.abs(np.asarray(g, np.float32) - np.asarray(rg, np.float32))))
     assert err <= 3e-2 * scale, (err, scale)
+
+
+@pytest.mark.parametrize("impl,pipeline", [("pallas_tpu", "dma"), ("pallas_tpu", "grid"),
+                                           ("pallas_gpu", None)])
+def test_skipped_blocks_are_never_read(impl, pipeline, monkeypatch):
+  """Block skipping is real: NaN-poison q/k/v in every block that the tile lists skip for a
+  row (key blocks EMPTY for all query blocks, query blocks EMPTY for all key blocks). Any load
+  of such a block into a matmul would turn outputs or gradients into NaN (0 * NaN = NaN)."""
+  from unimage_jax.attention import block_summary as bs
+  from unimage_jax.attention import pallas_tpu
+  if pipeline:
+    monkeypatch.setattr(pallas_tpu, "DEFAULT_PIPELINE", pipeline)
+  _fwd_and_grads.cache_clear()
+  rng = np.random.default_rng(7)
+  lu, lg, blk = 64, 64, 16
+  meta = layouts.random_batch_meta(rng, B, lu, lg, max_samples=2)
+  classes = np.asarray(bs.classify_meta(meta, meta, blk, blk))  # L = 128: no wrapper padding
+  dead_k = np.all(classes == bs.EMPTY, axis=1).repeat(blk, axis=-1)  # [B, L]
+  dead_q = np.all(classes == bs.EMPTY, axis=2).repeat(blk, axis=-1)
+  assert dead_k.any() and dead_q.any(), "layout without skippable blocks"
+  q, k, v, _, w = _inputs(7, 4, 2, False, lu=lu, lg=lg)
+  meta = TokenMeta(*(jnp.asarray(x) for x in meta))
+  nan = jnp.float32(jnp.nan)
+  poison = lambda x, dead: jnp.where(jnp.asarray(dead)[:, :, None, None], nan, x)
+  try:
+    out, grads = _fwd_and_grads(impl, blk, blk)(poison(q, dead_q), poison(k, dead_k),
+                                                 poison(v, dead_k), meta, w)
+  finally:
+    _fwd_and_grads.cache_clear()
+  ref_out, ref_grads = _fwd_and_grads("ref", 0, 0)(q, k, v, meta, w)
+  np.testing.assert_allclose(out, ref_out, atol=TOL, rtol=0)
+  for g, rg in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, rg, atol=TOL, rtol=0)
