@@ -16,9 +16,8 @@ from typing import Any
 
 import jax
 import ml_collections
-from jax.sharding import Mesh
-
 from unimage_jax import sharding
+from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
 from unimage_jax.model import functional
 from unimage_jax.training import data_source, metrics as metrics_lib
@@ -109,7 +108,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Plan
                                  shardings, {k: v.sharding for k, v in batch.items()})
   t0 = time.time()
   _, generation = topology_spec(topology)
-  with _mesh_context(mesh):
+  with attention_mesh(mesh):
     lowered = step.lower(state_spec, batch)
     try:
       compiled = lowered.compile()
@@ -131,15 +130,6 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Plan
       temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
       hbm_bytes=HBM_BYTES[generation], flops_per_device=metrics_lib.compiled_flops(compiled),
       compile_seconds=elapsed, compiled=compiled)
-
-
-def _mesh_context(mesh: Mesh):
-  """Makes the mesh visible to code that needs it while tracing (the sharded attention kernel)."""
-  for name in ("set_mesh", "use_mesh"):
-    fn = getattr(jax.sharding, name, None) or getattr(jax, name, None)
-    if fn is not None:
-      return fn(mesh)
-  return mesh  # old jax: Mesh is itself a context manager
 
 
 def advice(plan: Plan, config: ml_collections.ConfigDict) -> str:

@@ -18,10 +18,22 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from unimage_jax.attention import dispatch as attention_dispatch
+from unimage_jax.attention import mesh_context
 from unimage_jax.layout import TokenMeta
 from unimage_jax.model import layers, stacking
 from unimage_jax.model.positional import apply_rope
 
+
+
+def model_attention(q, k, v, meta: TokenMeta, cfg: ml_collections.ConfigDict):
+  """The row's joint attention with ``cfg.attention_impl``; Pallas kernels run per shard
+  (``shard_map``) when a step is traced under :func:`mesh_context.attention_mesh`."""
+  impl = attention_dispatch.resolve_impl(cfg.attention_impl)
+  mesh = mesh_context.current_mesh()
+  if impl != "xla" and mesh is not None and mesh.size > 1:
+    from unimage_jax.attention.sharded import sharded_attention
+    return sharded_attention(q, k, v, meta, mesh=mesh, impl=impl)
+  return attention_dispatch.attention(q, k, v, meta, impl=impl, query_chunk=cfg.attention_query_chunk)
 
 
 class ExpertAttentionProj(nnx.Module):
@@ -83,9 +95,7 @@ class MoTLayer(nnx.Module):
   def __call__(self, h_und, h_gen, rope_und, rope_gen, meta: TokenMeta, cfg, compute_dtype):
     """h_und [B, Lu, E], h_gen [B, Lg, E] -> same shapes (self-attention over the packed row)."""
     q, k, v = self._qkv(h_und, h_gen, rope_und, rope_gen, compute_dtype)
-    attn = attention_dispatch.attention(q, k, v, meta, impl=cfg.attention_impl,
-                                        query_chunk=cfg.attention_query_chunk)  # [B, L, Hq, D]
-    return self._finish(h_und, h_gen, attn, compute_dtype)
+    return self._finish(h_und, h_gen, model_attention(q, k, v, meta, cfg), compute_dtype)  # attn [B, L, Hq, D]
 
   def extend(self, h_und, h_gen, rope_und, rope_gen, meta: TokenMeta, past_k, past_v, past_meta: TokenMeta,
              cfg, compute_dtype):

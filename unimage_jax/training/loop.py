@@ -12,6 +12,7 @@ import ml_collections
 from absl import logging
 
 from unimage_jax import sharding
+from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
 from unimage_jax.model import functional
 from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib
@@ -87,7 +88,8 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   batch_shardings = {k: v.sharding for k, v in data_source.batch_spec(config, mesh).items()}
   train_step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, optimizer), shardings, batch_shardings)
   t0 = time.time()
-  compiled = train_step.lower(state, data_source.batch_spec(config, mesh)).compile()
+  with attention_mesh(mesh):  # Pallas attention kernels run per shard of this mesh
+    compiled = train_step.lower(state, data_source.batch_spec(config, mesh)).compile()
   logging.info("train step compiled in %.1fs", time.time() - t0)
   flops = metrics_lib.compiled_flops(compiled)
   flops_per_device = flops if flops else metrics_lib.analytic_flops_per_step(config) / mesh.size

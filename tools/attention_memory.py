@@ -1,0 +1,68 @@
+"""TPU ahead-of-time memory analysis of the attention fwd+bwd step: Pallas kernel vs XLA reference.
+
+Compiles ``jit(value_and_grad(sum(attention(q, k, v, meta))))`` under shard_map for a TPU
+topology on the CPU host (needs libtpu: ``pip install -e '.[tpu]'``) and prints the compiler's
+per-device memory analysis for each sequence length as a markdown table.
+
+  python tools/attention_memory.py --topology=v5e:2x2 --lengths=8192,16384,32768
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags  # noqa: E402
+
+from unimage_jax.attention import aot  # noqa: E402
+
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name for get_topology_desc")
+_LENGTHS = flags.DEFINE_list("lengths", ["8192", "16384", "32768"], "sequence lengths")
+_MESH = flags.DEFINE_list("mesh", ["4", "1", "1"], "mesh shape (data, fsdp, tensor)")
+_BATCH = flags.DEFINE_integer("batch", 4, "global batch (rows)")
+_HQ = flags.DEFINE_integer("q_heads", 28, "query heads (bagel_7b: 28)")
+_HKV = flags.DEFINE_integer("kv_heads", 4, "key/value heads (bagel_7b: 4)")
+_D = flags.DEFINE_integer("head_dim", 128, "head dim")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "activation dtype")
+_BQ = flags.DEFINE_integer("block_q", 512, "kernel query block")
+_BK = flags.DEFINE_integer("block_k", 512, "kernel key block")
+_IMPLS = flags.DEFINE_list("impls", ["pallas_tpu", "xla"], "implementations to compile")
+
+
+def _mib(x: int) -> str:
+  return f"{x / 2**20:,.1f}"
+
+
+def main(argv):
+  del argv
+  mesh = aot.topology_mesh(_TOPOLOGY.value, tuple(int(x) for x in _MESH.value))
+  print(f"topology {_TOPOLOGY.value}, mesh {dict(mesh.shape)}, global batch {_BATCH.value}, "
+        f"heads {_HQ.value}/{_HKV.value}, head_dim {_D.value}, {_DTYPE.value}, "
+        f"kernel blocks {_BQ.value}x{_BK.value}; per-device MiB from compiled.memory_analysis()")
+  print()
+  print("| L | impl | arguments | outputs | temp | args+outputs+temp | compile s |")
+  print("|---|---|---|---|---|---|---|")
+  for length in (int(x) for x in _LENGTHS.value):
+    shape = aot.AttentionShape(_BATCH.value, length, _HQ.value, _HKV.value, _D.value,
+                               _DTYPE.value)
+    for impl in _IMPLS.value:
+      kw = {"block_q": _BQ.value, "block_k": _BK.value} if impl.startswith("pallas") else {}
+      t = time.time()
+      try:
+        stats = aot.memory_stats(aot.compile_attention_step(mesh, shape, impl, **kw))
+      except Exception as e:  # report, e.g., an out-of-memory compile failure, and go on
+        msg = str(e).splitlines()[0][:120]
+        print(f"| {length} | {impl} | compile failed: {msg} | | | | {time.time() - t:.1f} |")
+        continue
+      print(f"| {length} | {impl} | {_mib(stats['argument_bytes'])} | "
+            f"{_mib(stats['output_bytes'])} | {_mib(stats['temp_bytes'])} | "
+            f"{_mib(stats['argument_bytes'] + stats['output_bytes'] + stats['temp_bytes'])} | "
+            f"{time.time() - t:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,94 @@
+"""Ahead-of-time TPU compilation of the attention step on a CPU host (libtpu, no TPU needed).
+
+Used by ``tests/test_attention_tpu_aot.py`` and ``tools/attention_memory.py``: builds a mesh over
+the devices of a TPU topology description (``jax.experimental.topologies``), and lowers and
+compiles ``value_and_grad(sum(attention(q, k, v, meta)))`` through the shard_map wrapper with
+batch over ("data", "fsdp") and heads over "tensor".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from unimage_jax.attention.sharded import sharded_attention
+from unimage_jax.layout import TokenMeta
+
+
+def libtpu_available() -> tuple[bool, str]:
+  """Whether libtpu can be imported (the ``tpu`` extra), with a reason when it cannot."""
+  try:
+    import libtpu  # noqa: F401
+  except ImportError as e:
+    return False, f"libtpu is not installed (pip install -e '.[tpu]'): {e}"
+  return True, ""
+
+
+def topology_mesh(topology: str = "v5e:2x2", shape=None,
+                  axes=("data", "fsdp", "tensor")) -> Mesh:
+  """A Mesh over the devices of a TPU topology description (no TPU attached)."""
+  # libtpu wants these on a host that is not a TPU VM; harmless for AOT compilation. No TPU is
+  # driven here, so the multi-process lockfile (/tmp/libtpu_lockfile) must not serialise
+  # concurrent compile-only processes (tests, tools, other users of the host).
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+  devices = np.array(topo.devices)
+  shape = shape or (devices.size, 1, 1)
+  return Mesh(devices.reshape(shape), axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+  batch: int  # global batch (rows)
+  length: int
+  q_heads: int = 28
+  kv_heads: int = 4
+  head_dim: int = 128
+  dtype: str = "bfloat16"
+
+
+def compile_attention_step(mesh: Mesh, shape: AttentionShape, impl: str, **attention_kwargs):
+  """Lowers and compiles the sharded fwd+bwd attention step; returns the Compiled object."""
+  batch_axes = ("data", "fsdp")
+  act = P(batch_axes, None, "tensor", None)
+  meta_spec = P(batch_axes, None)
+  sh = lambda spec: NamedSharding(mesh, spec)
+  dt = jnp.dtype(shape.dtype)
+  b, l = shape.batch, shape.length
+  args = (
+      jax.ShapeDtypeStruct((b, l, shape.q_heads, shape.head_dim), dt, sharding=sh(act)),
+      jax.ShapeDtypeStruct((b, l, shape.kv_heads, shape.head_dim), dt, sharding=sh(act)),
+      jax.ShapeDtypeStruct((b, l, shape.kv_heads, shape.head_dim), dt, sharding=sh(act)),
+      TokenMeta(*[jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=sh(meta_spec))] * 4),
+  )
+
+  def step(q, k, v, meta):
+    def loss(q, k, v):
+      out = sharded_attention(q, k, v, meta, mesh=mesh, impl=impl, interpret=False,
+                              **attention_kwargs)
+      return jnp.sum(out.astype(jnp.float32))
+    return jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+
+  return jax.jit(step).lower(*args).compile()
+
+
+def memory_stats(compiled) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  return {
+      "argument_bytes": int(m.argument_size_in_bytes),
+      "output_bytes": int(m.output_size_in_bytes),
+      "temp_bytes": int(m.temp_size_in_bytes),
+      "generated_code_bytes": int(m.generated_code_size_in_bytes),
+  }
+
+
+def count_kernels(compiled) -> int:
+  """Number of Mosaic custom calls in the compiled HLO (3 = fwd, dQ, dK/dV)."""
+  return compiled.as_text().count('custom_call_target="tpu_custom_call"')
