@@ -23,8 +23,11 @@ def test_topology_names():
 def test_tiny_train_step_compiles_for_v5e_2x2(tiny_config):
   tiny_config.data.batch_size = 4
   tiny_config.mesh.update(data=2, fsdp=2, tensor=1)
+  tiny_config.model.attention_impl = "auto"  # the TPU kernel, per shard
   plan = aot.compile_train_step(tiny_config, "v5e:2x2")
   assert plan.devices == 4 and plan.mesh == {"data": 2, "fsdp": 2, "tensor": 1}
+  assert plan.attention_impl == "pallas_tpu"
+  assert plan.compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3  # fwd, dq, dkv in the scanned layer
   assert plan.fits and 0 < plan.total_bytes < plan.hbm_bytes == 16 << 30
   assert plan.argument_bytes > 0 and plan.temp_bytes > 0
   assert plan.alias_bytes > 0  # the old state is donated to the new one

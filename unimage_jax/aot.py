@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 from unimage_jax import sharding
+from unimage_jax.attention.dispatch import resolve_impl
 from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
 from unimage_jax.model import functional
@@ -78,6 +79,7 @@ class Plan:
   flops_per_device: float | None
   compile_seconds: float
   compiled: Any = dataclasses.field(repr=False, default=None)
+  attention_impl: str = "xla"
 
   @property
   def total_bytes(self) -> int:
@@ -95,6 +97,9 @@ class Plan:
 def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Plan:
   """Lowers and compiles the sharded train step for ``topology``; returns the memory plan."""
   validate_config(config)
+  config = config.copy_and_resolve_references()
+  # "auto" means the kernel of the *target* backend, not of this CPU host
+  config.model.attention_impl = resolve_impl(config.model.attention_impl, backend="tpu")
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_mesh_compatible(config, mesh)
@@ -125,7 +130,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Plan
   elapsed = time.time() - t0
   mem = compiled.memory_analysis()
   return Plan(
-      topology=topology, devices=len(devices), mesh=dict(mesh.shape),
+      topology=topology, devices=len(devices), mesh=dict(mesh.shape), attention_impl=config.model.attention_impl,
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
       hbm_bytes=HBM_BYTES[generation], flops_per_device=metrics_lib.compiled_flops(compiled),
@@ -154,7 +159,8 @@ def report(plan: Plan, config: ml_collections.ConfigDict) -> str:
   peak = metrics_lib.PEAK_FLOPS.get({"v4": "TPU v4", "v5e": "TPU v5e", "v5p": "TPU v5p", "v6e": "TPU v6e"}[
       topology_spec(plan.topology)[1]])
   lines = [
-      f"topology {plan.topology}: {plan.devices} devices, mesh {plan.mesh}, compiled in {plan.compile_seconds:.1f}s",
+      f"topology {plan.topology}: {plan.devices} devices, mesh {plan.mesh}, attention {plan.attention_impl}, "
+      f"remat {config.model.remat_policy}, compiled in {plan.compile_seconds:.1f}s",
       f"per device: arguments {gib(plan.argument_bytes)}, outputs {gib(plan.output_bytes)}, "
       f"temporaries {gib(plan.temp_bytes)}, donated {gib(plan.alias_bytes)}",
       f"per device total {gib(plan.total_bytes)} of {gib(plan.hbm_bytes)} HBM: {'fits' if plan.fits else 'DOES NOT FIT'}",

@@ -32,7 +32,10 @@ def model_attention(q, k, v, meta: TokenMeta, cfg: ml_collections.ConfigDict):
   mesh = mesh_context.current_mesh()
   if impl != "xla" and mesh is not None and mesh.size > 1:
     from unimage_jax.attention.sharded import sharded_attention
-    return sharded_attention(q, k, v, meta, mesh=mesh, impl=impl)
+    # interpret mode only where the mesh's devices are CPUs (tests); real kernels for TPU/GPU meshes,
+    # including topology descriptions compiled ahead of time on a CPU host
+    interpret = mesh.devices.flat[0].platform == "cpu"
+    return sharded_attention(q, k, v, meta, mesh=mesh, impl=impl, interpret=interpret)
   return attention_dispatch.attention(q, k, v, meta, impl=impl, query_chunk=cfg.attention_query_chunk)
 
 
