@@ -1,0 +1,142 @@
+"""One benchmark command: train step, attention kernel and data pipeline, each against its baseline.
+
+  python tools/benchmark.py --config=configs/tiny.py --what=train,attention,data [--write]
+* train:     tokens/s and MFU of the train step with the config's attention vs the XLA reference
+* attention: fwd+bwd of the kernel (``--attention_impl``, default auto) vs the XLA reference on a
+             StoryWorld-like packed row (on the CPU the kernel runs in interpret mode: that
+             comparison is only meaningful on TPU/GPU)
+* data:      packed rows/s and efficiency vs one sample per row (unpacked)
+``--write`` appends the tables to BENCHMARKS.md with the command, machine and date.
+Timings are measured (medians of repeats); nothing here asserts speed.
+"""
+
+import datetime
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
+_WHAT = flags.DEFINE_list("what", ["train", "attention", "data"], "Benchmarks to run.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed train steps per variant.")
+_ATTN_LEN = flags.DEFINE_integer("attention_length", 2048, "Row length of the attention benchmark.")
+_ATTN_IMPL = flags.DEFINE_string("attention_impl", "auto", "Kernel to compare with the reference.")
+_BATCHES = flags.DEFINE_integer("data_batches", 20, "Batches timed per data variant.")
+_WRITE = flags.DEFINE_bool("write", False, "Append the results to BENCHMARKS.md.")
+
+
+def _median_time(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def bench_train(config) -> list[str]:
+  from unimage_jax import sharding, synthetic
+  from unimage_jax.attention.dispatch import resolve_impl
+  from unimage_jax.attention.mesh_context import attention_mesh
+  from unimage_jax.model import functional
+  from unimage_jax.training import metrics, optimizer, state as state_lib, step as step_lib
+  rows = ["| attention | step s | tokens/s | MFU | vs reference |", "|---|---|---|---|---|"]
+  mesh = sharding.make_mesh(config.mesh)
+  batch = jax.device_put({k: jnp.asarray(v) for k, v in synthetic.random_batch(config).items()},
+                         sharding.batch_sharding(mesh))
+  tokens = config.data.batch_size * (config.data.und_len + config.data.gen_len)
+  peak = metrics.peak_flops(jax.devices()[0])
+  results = {}
+  for impl in dict.fromkeys([resolve_impl(config.model.attention_impl), "xla"]):
+    c = config.copy_and_resolve_references()
+    c.model.attention_impl = impl
+    params, _ = functional.abstract_params(c.model)
+    tx = optimizer.make_optimizer(c, params)
+    abstract = state_lib.abstract_state(c, tx)
+    shardings = state_lib.state_shardings(c, abstract, mesh)
+    state = state_lib.init_state(c, tx, shardings)
+    step = jax.jit(step_lib.make_train_step(c, functional.model_def(c.model), tx))
+    with attention_mesh(mesh):
+      compiled = step.lower(state, batch).compile()
+    flops = metrics.compiled_flops(compiled) or metrics.analytic_flops_per_step(c) / mesh.size
+    seconds = _median_time(lambda: compiled(state, batch)[1]["loss"], _STEPS.value)
+    results[impl] = seconds
+    mfu = f"{flops / seconds / peak:.1%}" if peak else "n/a (no peak for this device)"
+    rows.append(f"| {impl} | {seconds:.3f} | {tokens / seconds:,.0f} | {mfu} | {results['xla'] / seconds if 'xla' in results else float('nan'):.2f}x |")
+  if len(results) > 1:  # fill the ratio of the first row now that the reference is known
+    first = next(iter(results))
+    rows[2] = rows[2].rsplit("|", 2)[0] + f"| {results['xla'] / results[first]:.2f}x |"
+  return rows
+
+
+def bench_attention(config) -> list[str]:
+  from unimage_jax.attention import attention, reference_attention
+  from unimage_jax.attention.dispatch import resolve_impl
+  from unimage_jax.attention.layouts import storyworld_row_meta
+  from unimage_jax.layout import TokenMeta
+  m = config.model
+  length = _ATTN_LEN.value
+  meta, info = storyworld_row_meta(length, side=m.max_latent_grid if m.max_latent_grid < 16 else 16)
+  meta = TokenMeta(*(jnp.asarray(x) for x in meta))
+  rng = np.random.default_rng(0)
+  dt = jnp.dtype(m.compute_dtype)
+  q = jnp.asarray(rng.normal(size=(1, length, m.num_heads, m.head_dim)), dt)
+  k = jnp.asarray(rng.normal(size=(1, length, m.num_kv_heads, m.head_dim)), dt)
+  impl = resolve_impl(_ATTN_IMPL.value)
+  rows = [f"StoryWorld-like row: L={length}, {info['stories']} stories, heads {m.num_heads}/{m.num_kv_heads}, "
+          f"head_dim {m.head_dim}, {m.compute_dtype}", "", "| implementation | fwd+bwd ms | vs reference |", "|---|---|---|"]
+  times = {}
+  for name, fn in ((impl, lambda q, k: attention(q, k, k, meta, impl=impl)),
+                   ("xla reference", lambda q, k: reference_attention(q, k, k, meta))):
+    if name in times:
+      continue
+    g = jax.jit(jax.grad(lambda q, k: jnp.sum(fn(q, k).astype(jnp.float32)), argnums=(0, 1)))
+    times[name] = _median_time(lambda: g(q, k), 3)
+  for name, t in times.items():
+    rows.append(f"| {name} | {t * 1e3:.1f} | {times['xla reference'] / t:.2f}x |")
+  return rows
+
+
+def bench_data(config) -> list[str]:
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench_data", "tools/bench_data.py")
+  bench_data = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench_data)
+  from data_pipelines import pipeline
+  pipeline.ensure_dataset(config, verbose=False)
+  rows = ["| packing | rows/s | stories/row | efficiency | vs unpacked rows/s |", "|---|---|---|---|---|"]
+  res = {p: bench_data.bench(config, p, _BATCHES.value) for p in (True, False)}
+  for p, r in res.items():
+    rows.append(f"| {'first-fit' if p else 'none'} | {r['rows_per_s']:.1f} | {r['samples_per_row']:.2f} | "
+                f"{r['efficiency']:.3f} | {r['rows_per_s'] / res[False]['rows_per_s']:.2f}x |")
+  return rows
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  device = jax.devices()[0]
+  header = (f"`python {' '.join(sys.argv)}` on {device.device_kind} ({jax.device_count()} device(s), "
+            f"{platform.machine()}), jax {jax.__version__}, {datetime.date.today()}")
+  sections = []
+  for what, fn in (("train", bench_train), ("attention", bench_attention), ("data", bench_data)):
+    if what in _WHAT.value:
+      rows = fn(config)
+      sections.append((what, rows))
+      print(f"\n{what}:\n" + "\n".join(rows), flush=True)
+  if _WRITE.value:
+    with open("BENCHMARKS.md", "a") as f:
+      f.write(f"\n## tools/benchmark.py run\n\n{header}\n")
+      for what, rows in sections:
+        f.write(f"\n{what}:\n\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
