@@ -30,6 +30,6 @@ setup(
         # The CPU build of torch is preinstalled-able as a local file; .ci/run pins it first.
         "torch": ["torch>=2.4", "transformers>=4.51", "diffusers>=0.32"],
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "selenium>=4.20"],
-        "tpu": ["libtpu"],
+        "tpu": ["jax[tpu]>=0.10"],  # the libtpu release matching the installed jax
     },
 )

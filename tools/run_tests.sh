@@ -2,7 +2,7 @@
 # Fresh machine -> set-up -> the whole test suite (this is what CI runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. tools/setup_env.sh
+UNIMAGE_EXTRAS=${UNIMAGE_EXTRAS-tpu} . tools/setup_env.sh  # tpu: libtpu for the ahead-of-time TPU compile tests
 # Headless Chromium + its driver for the storyboard browser test (Debian packages).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
