@@ -1,8 +1,7 @@
 """Step metrics: JSONL + TensorBoard event files, throughput and MFU.
 
-MFU uses the FLOPs XLA counts for the compiled (per-device, SPMD-partitioned) step when the
-backend reports them, else the analytic count ``6 * active params * tokens`` + attention, divided
-by the device's peak dense bf16 FLOP/s from the table below.
+MFU = analytic model FLOPs per device per second (:func:`analytic_flops_per_step`) divided by
+the device's peak dense bf16 FLOP/s from the table below.
 """
 
 from __future__ import annotations
@@ -50,15 +49,21 @@ def compiled_flops(compiled) -> float | None:
 
 
 def analytic_flops_per_step(config: ml_collections.ConfigDict) -> float:
-  """Forward+backward FLOPs of one global step: 6 N per token per expert + attention scores."""
+  """Model FLOPs of one global step (forward + backward = 3x forward; remat not counted, as MFU is defined).
+
+  Per token: ``6 x`` the parameters of one expert layer per layer (each token meets exactly one
+  expert), ``6 E V`` for the lm_head on und tokens, and ``12 Hq D L/2`` per layer for the
+  attention scores and values (causal upper bound for a packed row of length L). XLA's cost
+  analysis is not used for MFU: it counts a scanned layer body once and a Pallas kernel as zero.
+  """
   m, d = config.model, config.data
   e, f, hq, hkv, hd = m.hidden_size, m.mlp_dim, m.num_heads, m.num_kv_heads, m.head_dim
-  per_layer = e * hq * hd * 2 + e * hkv * hd * 2 + 3 * e * f  # q, o, k, v, mlp (one expert)
-  tokens = d.batch_size * (d.und_len + d.gen_len)
-  dense = 6 * tokens * m.num_layers * per_layer + 6 * d.batch_size * d.und_len * e * m.vocab_size
+  per_layer = 2 * e * hq * hd + 2 * e * hkv * hd + 3 * e * f  # q, o, k, v, mlp of one expert
   seq = d.und_len + d.gen_len
-  attention = 6 * d.batch_size * m.num_layers * hq * hd * seq * seq  # causal-ish upper bound / 2 * 2
-  return float(dense + attention)
+  per_row = (6 * seq * m.num_layers * per_layer
+             + 6 * d.und_len * e * m.vocab_size
+             + 12 * m.num_layers * hq * hd * seq * (seq / 2))
+  return float(d.batch_size * per_row)
 
 
 class MetricsWriter:
