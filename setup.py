@@ -30,6 +30,7 @@ setup(
         # The CPU build of torch is preinstalled-able as a local file; .ci/run pins it first.
         "torch": ["torch>=2.4", "transformers>=4.51", "diffusers>=0.32"],
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-timeout>=2.3", "pytest-xdist>=3.6"],
-        "tpu": ["libtpu"],
+        # libtpu for ahead-of-time TPU compiles on any host; 0.0.42.x is the build jax 0.10.2 uses
+        "tpu": ["libtpu==0.0.42.*"],
     },
 )
