@@ -9,10 +9,12 @@ Block skipping. :mod:`block_summary` classifies every (q-block, k-block) tile as
 or FULL before the kernel runs and compresses the classes into per-row lists that are passed as
 scalar-prefetch operands (SMEM). FULL tiles skip the mask evaluation. Two pipelines:
 
-* ``"dma"`` (default): grid (B, Hq, nq) for the forward and dQ kernels, (B, Hkv, nk) for dK/dV;
-  each program runs a loop of exactly ``count`` iterations over its listed tiles, double
-  buffering the tile operands (K/V/metadata, or Q/dO/lse/delta/metadata for dK/dV) with manual
-  async copies from HBM. Skipped tiles cost nothing at all.
+* ``"dma"`` (default): grid (B, Hkv * chunks, nq) for the forward and dQ kernels, where a
+  program owns one query block of the query heads of a GQA group (or of a chunk of the group,
+  sized by VMEM_BUDGET), so each K/V tile is copied and masked once for all of them; grid
+  (B, Hkv, nk) for dK/dV. Each program runs a loop of exactly ``count`` iterations over its
+  listed tiles, double buffering the tile operands (K/V/metadata, or Q/dO/lse/delta/metadata
+  for dK/dV) with manual async copies from HBM. Skipped tiles cost nothing at all.
 * ``"grid"``: grid (B, Hq, nq, nk) and (B, Hkv, nk, G, nq); the innermost axis walks the list
   through the BlockSpec index maps, so only listed blocks are DMA'd; list padding repeats the
   last entry, so the pipeline issues no copy for it and ``pl.when`` skips the compute, but each
