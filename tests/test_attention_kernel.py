@@ -78,7 +78,7 @@ def test_tpu_kernel_matches_reference(tpu_pipeline, hq, hkv, seed, shuffle):
 
 @pytest.mark.parametrize("tpu_pipeline", ["grid"], indirect=True)
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (7, 1)])
-@settings(max_examples=8, deadline=None,
+@settings(max_examples=6, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), shuffle=st.booleans(),
        blocks=st.sampled_from([(16, 32), (32, 16), (16, 16)]),
@@ -89,7 +89,7 @@ def test_tpu_grid_pipeline_matches_reference(tpu_pipeline, hq, hkv, seed, shuffl
 
 
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (7, 1)])
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), shuffle=st.booleans(),
        blocks=st.sampled_from([(16, 32), (32, 16)]))
 def test_gpu_kernel_matches_reference(hq, hkv, seed, shuffle, blocks):
