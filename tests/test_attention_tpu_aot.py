@@ -37,3 +37,11 @@ def test_kernel_compiles_for_short_rows():
   mesh = aot.topology_mesh("v5e:2x2", (4, 1, 1))
   compiled = aot.compile_attention_step(mesh, aot.AttentionShape(4, 300, 8, 2, 128), "pallas_tpu")
   assert aot.count_kernels(compiled) == 3
+
+
+def test_kernel_compiles_inside_toy_train_step():
+  """scan over layers + remat + tensor-sharded projections, as the model will use it."""
+  mesh = aot.topology_mesh("v5e:2x2", (2, 1, 2))
+  shape = aot.AttentionShape(batch=2, length=1024, q_heads=8, kv_heads=2, head_dim=128)
+  compiled = aot.compile_toy_train_step(mesh, shape, "pallas_tpu", layers=2)
+  assert aot.count_kernels(compiled) >= 3

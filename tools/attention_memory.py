@@ -28,7 +28,7 @@ _HQ = flags.DEFINE_integer("q_heads", 28, "query heads (bagel_7b: 28)")
 _HKV = flags.DEFINE_integer("kv_heads", 4, "key/value heads (bagel_7b: 4)")
 _D = flags.DEFINE_integer("head_dim", 128, "head dim")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "activation dtype")
-_BQ = flags.DEFINE_integer("block_q", 512, "kernel query block")
+_BQ = flags.DEFINE_integer("block_q", 256, "kernel query block")
 _BK = flags.DEFINE_integer("block_k", 512, "kernel key block")
 _IMPLS = flags.DEFINE_list("impls", ["pallas_tpu", "xla"], "implementations to compile")
 

@@ -26,7 +26,8 @@ from absl import app, flags  # noqa: E402
 
 _MODE = flags.DEFINE_enum("mode", "skip", ["skip", "gpu"], "what to run")
 _LENGTHS = flags.DEFINE_list("lengths", None, "sequence lengths (default per mode)")
-_BLOCKS = flags.DEFINE_list("blocks", ["128", "256", "512"], "skip mode: square tile sizes")
+_BLOCKS = flags.DEFINE_list("blocks", ["128", "256", "256x512", "512"],
+                            "skip mode: tile sizes, N (square) or QxK")
 _BATCH = flags.DEFINE_integer("batch", 1, "gpu mode: batch")
 _HQ = flags.DEFINE_integer("q_heads", 28, "query heads")
 _HKV = flags.DEFINE_integer("kv_heads", 4, "key/value heads")
@@ -74,10 +75,11 @@ def skip_report():
   for length in lengths:
     meta, info = _storyworld(length)
     masked = 1.0 - bs.visible_fraction(meta)
-    for block in (int(b) for b in _BLOCKS.value):
-      f = bs.skipped_fraction(bs.classify_meta(meta, meta, block, block))
-      x = bs.skipped_fraction(bs.exact_tile_classes(meta, meta, block, block))
-      print(f"| {length} | {info['stories']} | {masked:.3f} | {block} | {f['tiles']} | "
+    for spec in _BLOCKS.value:
+      bq, bk = (int(x) for x in (spec.split("x") if "x" in spec else (spec, spec)))
+      f = bs.skipped_fraction(bs.classify_meta(meta, meta, bq, bk))
+      x = bs.skipped_fraction(bs.exact_tile_classes(meta, meta, bq, bk))
+      print(f"| {length} | {info['stories']} | {masked:.3f} | {bq}x{bk} | {f['tiles']} | "
             f"{f['skipped']:.3f} | {f['partial']:.3f} | {f['full']:.3f} | {x['skipped']:.3f} | "
             f"{x['full']:.3f} |", flush=True)
   if _SCALING.value:

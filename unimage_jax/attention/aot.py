@@ -92,3 +92,39 @@ def memory_stats(compiled) -> dict[str, int]:
 def count_kernels(compiled) -> int:
   """Number of Mosaic custom calls in the compiled HLO (3 = fwd, dQ, dK/dV)."""
   return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+
+
+def compile_toy_train_step(mesh: Mesh, shape: AttentionShape, impl: str, layers: int = 2,
+                           embed: int = 256, **attention_kwargs):
+  """A toy decoder train step (value_and_grad over stacked per-layer q/k/v/o projections,
+  ``lax.scan`` over layers with ``jax.checkpoint``, params sharded over "tensor", batch over
+  ("data", "fsdp")) with the sharded attention inside; returns the Compiled object. Checks that
+  the kernel composes with scan, remat and sharded parameters the way the model uses it."""
+  batch_axes = ("data", "fsdp")
+  sh = lambda spec: NamedSharding(mesh, spec)
+  dt = jnp.dtype(shape.dtype)
+  b, l, hq, hkv, d = shape.batch, shape.length, shape.q_heads, shape.kv_heads, shape.head_dim
+  params = {
+      "wq": jax.ShapeDtypeStruct((layers, embed, hq * d), dt, sharding=sh(P(None, None, "tensor"))),
+      "wk": jax.ShapeDtypeStruct((layers, embed, hkv * d), dt, sharding=sh(P())),
+      "wv": jax.ShapeDtypeStruct((layers, embed, hkv * d), dt, sharding=sh(P())),
+      "wo": jax.ShapeDtypeStruct((layers, hq * d, embed), dt, sharding=sh(P(None, "tensor", None))),
+  }
+  x = jax.ShapeDtypeStruct((b, l, embed), dt, sharding=sh(P(batch_axes, None, None)))
+  meta = TokenMeta(*[jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=sh(P(batch_axes, None)))] * 4)
+
+  def loss_fn(params, x, meta):
+    @jax.checkpoint
+    def layer(h, p):
+      q = (h @ p["wq"]).reshape(b, l, hq, d)
+      k = (h @ p["wk"]).reshape(b, l, hkv, d)
+      v = (h @ p["wv"]).reshape(b, l, hkv, d)
+      a = sharded_attention(q, k, v, meta, mesh=mesh, impl=impl, interpret=False,
+                            **attention_kwargs)
+      return h + a.reshape(b, l, hq * d) @ p["wo"], None
+
+    h, _ = jax.lax.scan(layer, x, params)
+    return jnp.mean(jnp.square(h.astype(jnp.float32)))
+
+  step = jax.jit(jax.value_and_grad(loss_fn))
+  return step.lower(params, x, meta).compile()

@@ -20,7 +20,7 @@ from unimage_jax.layout import TokenMeta
 IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "auto")
 
 # Default tiles per kernel (block_q, block_k): MXU-sized on TPU, Triton-sized on GPU.
-DEFAULT_BLOCKS = {"pallas_tpu": (512, 512), "pallas_gpu": (64, 64)}
+DEFAULT_BLOCKS = {"pallas_tpu": (256, 512), "pallas_gpu": (64, 64)}
 
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:

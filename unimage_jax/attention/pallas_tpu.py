@@ -9,10 +9,12 @@ Block skipping. :mod:`block_summary` classifies every (q-block, k-block) tile as
 or FULL before the kernel runs and compresses the classes into per-row lists that are passed as
 scalar-prefetch operands (SMEM). FULL tiles skip the mask evaluation. Two pipelines:
 
-* ``"dma"`` (default): grid (B, Hq, nq) for the forward and dQ kernels, (B, Hkv, nk) for dK/dV;
-  each program runs a loop of exactly ``count`` iterations over its listed tiles, double
-  buffering the tile operands (K/V/metadata, or Q/dO/lse/delta/metadata for dK/dV) with manual
-  async copies from HBM. Skipped tiles cost nothing at all.
+* ``"dma"`` (default): grid (B, Hkv * chunks, nq) for the forward and dQ kernels, where a
+  program owns one query block of the query heads of a GQA group (or of a chunk of the group,
+  sized by VMEM_BUDGET), so each K/V tile is copied and masked once for all of them; grid
+  (B, Hkv, nk) for dK/dV. Each program runs a loop of exactly ``count`` iterations over its
+  listed tiles, double buffering the tile operands (K/V/metadata, or Q/dO/lse/delta/metadata
+  for dK/dV) with manual async copies from HBM. Skipped tiles cost nothing at all.
 * ``"grid"``: grid (B, Hq, nq, nk) and (B, Hkv, nk, G, nq); the innermost axis walks the list
   through the BlockSpec index maps, so only listed blocks are DMA'd; list padding repeats the
   last entry, so the pipeline issues no copy for it and ``pl.when`` skips the compute, but each
@@ -49,7 +51,7 @@ _SAMPLE, _SEGMENT, _ORDER, _KCODE = 0, 1, 2, 3
 # k-side kind codes
 _CODE_CAUSAL, _CODE_FULL, _CODE_NOISE = 0, 1, 2
 
-DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_Q = 256  # x G query heads per program in the "dma" pipeline
 DEFAULT_BLOCK_K = 512
 DEFAULT_PIPELINE = "dma"  # or "grid"; see flash_attention
 
@@ -459,15 +461,34 @@ def _double_buffered_loop(n, srcs_at, bufs, sem, body):
   lax.fori_loop(0, n, step, 0)
 
 
+VMEM_BUDGET = 12 * 2**20  # per-program VMEM the "dma" forward/dQ kernels plan for
+
+
+def _group_chunk(group: int, bq: int, bk: int, d: int, itemsize: int) -> int:
+  """How many query heads of a GQA group one "dma" forward/dQ program processes: the largest
+  divisor of ``group`` whose estimated VMEM (double-buffered q/o or q/dO/dq blocks, fp32
+  accumulators and softmax statistics, K/V buffers, score temporaries) fits VMEM_BUDGET."""
+  fixed = 4 * bk * d * itemsize + 3 * bq * bk * 4
+  per_head_fwd = bq * (4 * d * itemsize + 2 * 128 * 4 + d * 4)
+  per_head_dq = bq * (6 * d * itemsize + d * 4 + 4 * 8 * 4)
+  best = 1
+  for gc in range(1, group + 1):
+    if group % gc == 0 and fixed + gc * max(per_head_fwd, per_head_dq) <= VMEM_BUDGET:
+      best = gc
+  return best
+
+
 def _fwd_kernel_dma(kv_idx_ref, kv_full_ref, kv_cnt_ref,
                     q_ref, qm_ref, k_hbm, v_hbm, km_hbm,
                     o_ref, lse_ref,
                     kbuf, vbuf, kmbuf, sem, m_scr, l_scr, acc_scr,
-                    *, scale, nq, nk, bq, bk, group):
-  b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+                    *, scale, nq, nk, bq, bk, group, chunks):
+  """One program = one query block of ``group`` query heads sharing one KV head (a chunk of the
+  GQA group): each K/V tile is copied once and its mask evaluated once for those heads."""
+  b, hc, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  hk = hc // chunks
   row = b * nq + i
   cnt = kv_cnt_ref[row]
-  hk = h // group
   m_scr[...] = jnp.full_like(m_scr, MASK_VALUE)
   l_scr[...] = jnp.zeros_like(l_scr)
   acc_scr[...] = jnp.zeros_like(acc_scr)
@@ -481,89 +502,107 @@ def _fwd_kernel_dma(kv_idx_ref, kv_full_ref, kv_cnt_ref,
     km = kmbuf.at[slot]
 
     def step(masked):
-      s = _dot_nt(q_ref[...], kbuf[slot]) * scale
+      k = kbuf[slot]
+      v = vbuf[slot]
       if masked:
         mask = _mask(qm_ref[_SAMPLE][:, None], qm_ref[_SEGMENT][:, None], qm_ref[_ORDER][:, None],
                      km[_SAMPLE][None, :], km[_SEGMENT][None, :], km[_ORDER][None, :],
                      km[_KCODE][None, :])
-        s = jnp.where(mask, s, MASK_VALUE)
-      m_prev = m_scr[...][:, :1]
-      l_prev = l_scr[...][:, :1]
-      m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
-      p = jnp.exp(s - m_next)
-      if masked:
-        p = jnp.where(mask, p, 0.0)
-      alpha = jnp.exp(m_prev - m_next)
-      m_scr[...] = jnp.broadcast_to(m_next, m_scr.shape)
-      l_scr[...] = jnp.broadcast_to(alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True),
-                                    l_scr.shape)
-      v = vbuf[slot]
-      acc_scr[...] = alpha * acc_scr[...] + _dot_nn(p.astype(v.dtype), v)
+
+      def head(g, carry):
+        s = _dot_nt(q_ref[g], k) * scale
+        if masked:
+          s = jnp.where(mask, s, MASK_VALUE)
+        m_prev = m_scr[g][:, :1]
+        l_prev = l_scr[g][:, :1]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+        p = jnp.exp(s - m_next)
+        if masked:
+          p = jnp.where(mask, p, 0.0)
+        alpha = jnp.exp(m_prev - m_next)
+        m_scr[g] = jnp.broadcast_to(m_next, (bq, 128))
+        l_scr[g] = jnp.broadcast_to(alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True),
+                                    (bq, 128))
+        acc_scr[g] = alpha * acc_scr[g] + _dot_nn(p.astype(v.dtype), v)
+        return carry
+
+      lax.fori_loop(0, group, head, 0)
 
     is_full = kv_full_ref[row * nk + t]
     pl.when(is_full == 0)(lambda: step(True))
     pl.when(is_full != 0)(lambda: step(False))
 
   _double_buffered_loop(cnt, srcs_at, (kbuf, vbuf, kmbuf), sem, body)
-  l = l_scr[...][:, :1]
-  seen = l > 0.0
-  o_ref[...] = (acc_scr[...] * jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+
+  def finish(g, carry):
+    l = l_scr[g][:, :1]
+    seen = l > 0.0
+    o_ref[g] = (acc_scr[g] * jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
                 ).astype(o_ref.dtype)
-  lse = jnp.where(seen, m_scr[...][:, :1] + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
-  lse_ref[...] = jnp.broadcast_to(lse, (bq, 128)).T[:1, :]
+    lse = jnp.where(seen, m_scr[g][:, :1] + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    lse_ref[g] = jnp.broadcast_to(lse, (bq, 128)).T[:1, :]
+    return carry
+
+  lax.fori_loop(0, group, finish, 0)
 
 
 def _fwd_dma(q, k, v, qm, km, lists: bs.BlockLists, *, scale, bq, bk, interpret):
   bsz, hq, lp, d = q.shape
-  group = hq // k.shape[1]
+  hkv = k.shape[1]
+  gc = _group_chunk(hq // hkv, bq, bk, d, q.dtype.itemsize)
+  chunks = hq // hkv // gc
   nq, nk = lp // bq, lp // bk
   kernel = functools.partial(_fwd_kernel_dma, scale=scale, nq=nq, nk=nk, bq=bq, bk=bk,
-                             group=group)
+                             group=gc, chunks=chunks)
   hbm = pl.BlockSpec(memory_space=pl.ANY)
-  return pl.pallas_call(
+  # free reshape: query heads hk*G + c*gc + [0, gc) share KV head hk
+  qg = q.reshape(bsz, hkv * chunks, gc, lp, d)
+  o, lse = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3,
-          grid=(bsz, hq, nq),
+          grid=(bsz, hkv * chunks, nq),
           in_specs=[
-              pl.BlockSpec((None, None, bq, d), lambda b, h, i, *_: (b, h, i, 0)),
+              pl.BlockSpec((None, None, gc, bq, d), lambda b, h, i, *_: (b, h, 0, i, 0)),
               pl.BlockSpec((None, 4, bq), lambda b, h, i, *_: (b, 0, i)),
               hbm, hbm, hbm,
           ],
           out_specs=[
-              pl.BlockSpec((None, None, bq, d), lambda b, h, i, *_: (b, h, i, 0)),
-              pl.BlockSpec((None, None, 1, bq), lambda b, h, i, *_: (b, h, 0, i)),
+              pl.BlockSpec((None, None, gc, bq, d), lambda b, h, i, *_: (b, h, 0, i, 0)),
+              pl.BlockSpec((None, None, gc, 1, bq), lambda b, h, i, *_: (b, h, 0, 0, i)),
           ],
           scratch_shapes=[
               pltpu.VMEM((2, bk, d), k.dtype),
               pltpu.VMEM((2, bk, d), v.dtype),
               pltpu.VMEM((2, 4, bk), jnp.int32),
               pltpu.SemaphoreType.DMA((3, 2)),
-              pltpu.VMEM((bq, 128), jnp.float32),
-              pltpu.VMEM((bq, 128), jnp.float32),
-              pltpu.VMEM((bq, d), jnp.float32),
+              pltpu.VMEM((gc, bq, 128), jnp.float32),
+              pltpu.VMEM((gc, bq, 128), jnp.float32),
+              pltpu.VMEM((gc, bq, d), jnp.float32),
           ],
       ),
       out_shape=[
-          jax.ShapeDtypeStruct((bsz, hq, lp, d), q.dtype),
-          jax.ShapeDtypeStruct((bsz, hq, 1, lp), jnp.float32),
+          jax.ShapeDtypeStruct((bsz, hkv * chunks, gc, lp, d), q.dtype),
+          jax.ShapeDtypeStruct((bsz, hkv * chunks, gc, 1, lp), jnp.float32),
       ],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=interpret,
       name="mot_flash_fwd_dma",
-  )(lists.index.reshape(-1), lists.full.reshape(-1), lists.count.reshape(-1), q, qm, k, v, km)
+  )(lists.index.reshape(-1), lists.full.reshape(-1), lists.count.reshape(-1), qg, qm, k, v, km)
+  return o.reshape(bsz, hq, lp, d), lse.reshape(bsz, hq, 1, lp)
 
 
 def _dq_kernel_dma(kv_idx_ref, kv_full_ref, kv_cnt_ref,
                    q_ref, qm_ref, do_ref, lse_ref, di_ref, k_hbm, v_hbm, km_hbm,
                    dq_ref,
                    kbuf, vbuf, kmbuf, sem, acc_scr,
-                   *, scale, nq, nk, bk, group):
-  b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+                   *, scale, nq, nk, bk, group, chunks):
+  """Like the forward: one program per (query block, chunk of a GQA group)."""
+  b, hc, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  hk = hc // chunks
   row = b * nq + i
   cnt = kv_cnt_ref[row]
-  hk = h // group
   acc_scr[...] = jnp.zeros_like(acc_scr)
 
   def srcs_at(t):
@@ -576,14 +615,21 @@ def _dq_kernel_dma(kv_idx_ref, kv_full_ref, kv_cnt_ref,
 
     def step(masked):
       k = kbuf[slot]
-      p = jnp.exp(_dot_nt(q_ref[...], k) * scale - lse_ref[0][:, None])
+      v = vbuf[slot]
       if masked:
         mask = _mask(qm_ref[_SAMPLE][:, None], qm_ref[_SEGMENT][:, None], qm_ref[_ORDER][:, None],
                      km[_SAMPLE][None, :], km[_SEGMENT][None, :], km[_ORDER][None, :],
                      km[_KCODE][None, :])
-        p = jnp.where(mask, p, 0.0)
-      ds = p * (_dot_nt(do_ref[...], vbuf[slot]) - di_ref[0][:, None]) * scale
-      acc_scr[...] += _dot_nn(ds.astype(k.dtype), k)
+
+      def head(g, carry):
+        p = jnp.exp(_dot_nt(q_ref[g], k) * scale - lse_ref[g][0][:, None])
+        if masked:
+          p = jnp.where(mask, p, 0.0)
+        ds = p * (_dot_nt(do_ref[g], v) - di_ref[g][0][:, None]) * scale
+        acc_scr[g] = acc_scr[g] + _dot_nn(ds.astype(k.dtype), k)
+        return carry
+
+      lax.fori_loop(0, group, head, 0)
 
     is_full = kv_full_ref[row * nk + t]
     pl.when(is_full == 0)(lambda: step(True))
@@ -595,40 +641,45 @@ def _dq_kernel_dma(kv_idx_ref, kv_full_ref, kv_cnt_ref,
 
 def _dq_dma(q, k, v, qm, km, do, lse, di, lists: bs.BlockLists, *, scale, bq, bk, interpret):
   bsz, hq, lp, d = q.shape
-  group = hq // k.shape[1]
+  hkv = k.shape[1]
+  gc = _group_chunk(hq // hkv, bq, bk, d, q.dtype.itemsize)
+  chunks = hq // hkv // gc
   nq, nk = lp // bq, lp // bk
   hbm = pl.BlockSpec(memory_space=pl.ANY)
-  q_map = lambda b, h, i, *_: (b, h, i, 0)
-  row_map = lambda b, h, i, *_: (b, h, 0, i)
-  return pl.pallas_call(
-      functools.partial(_dq_kernel_dma, scale=scale, nq=nq, nk=nk, bk=bk, group=group),
+  grouped = lambda x: x.reshape(bsz, hkv * chunks, gc, *x.shape[2:])
+  q_map = lambda b, h, i, *_: (b, h, 0, i, 0)
+  row_map = lambda b, h, i, *_: (b, h, 0, 0, i)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel_dma, scale=scale, nq=nq, nk=nk, bk=bk, group=gc,
+                        chunks=chunks),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3,
-          grid=(bsz, hq, nq),
+          grid=(bsz, hkv * chunks, nq),
           in_specs=[
-              pl.BlockSpec((None, None, bq, d), q_map),
+              pl.BlockSpec((None, None, gc, bq, d), q_map),
               pl.BlockSpec((None, 4, bq), lambda b, h, i, *_: (b, 0, i)),
-              pl.BlockSpec((None, None, bq, d), q_map),
-              pl.BlockSpec((None, None, 1, bq), row_map),
-              pl.BlockSpec((None, None, 1, bq), row_map),
+              pl.BlockSpec((None, None, gc, bq, d), q_map),
+              pl.BlockSpec((None, None, gc, 1, bq), row_map),
+              pl.BlockSpec((None, None, gc, 1, bq), row_map),
               hbm, hbm, hbm,
           ],
-          out_specs=pl.BlockSpec((None, None, bq, d), q_map),
+          out_specs=pl.BlockSpec((None, None, gc, bq, d), q_map),
           scratch_shapes=[
               pltpu.VMEM((2, bk, d), k.dtype),
               pltpu.VMEM((2, bk, d), v.dtype),
               pltpu.VMEM((2, 4, bk), jnp.int32),
               pltpu.SemaphoreType.DMA((3, 2)),
-              pltpu.VMEM((bq, d), jnp.float32),
+              pltpu.VMEM((gc, bq, d), jnp.float32),
           ],
       ),
-      out_shape=jax.ShapeDtypeStruct((bsz, hq, lp, d), q.dtype),
+      out_shape=jax.ShapeDtypeStruct((bsz, hkv * chunks, gc, lp, d), q.dtype),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=interpret,
       name="mot_flash_dq_dma",
   )(lists.index.reshape(-1), lists.full.reshape(-1), lists.count.reshape(-1),
-    q, qm, do, lse, di, k, v, km)
+    grouped(q), qm, grouped(do), grouped(lse), grouped(di), k, v, km)
+  return dq.reshape(bsz, hq, lp, d)
 
 
 def _dkv_kernel_dma(q_idx_ref, q_full_ref, q_cnt_ref,
