@@ -18,7 +18,7 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data_pipelines import pipeline  # noqa: E402
-from data_pipelines.packing import row_efficiency  # noqa: E402
+from data_pipelines.throughput import bench  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 40, "Batches timed per setting (after 2 warm-up).")
@@ -36,24 +36,6 @@ def _tasks(config, name: str):
   elif name != "default":
     c.data.tasks.update({t: float(t == name) for t in ("interleaved", "script", "keyframe")})
   return c
-
-
-def bench(config, packed: bool, num_batches: int) -> dict:
-  it = iter(pipeline.make_dataset(config, process_index=0, process_count=1, packed=packed))
-  for _ in range(2):
-    next(it)
-  t0 = time.perf_counter()
-  effs, und, gen, samples, rows = [], [], [], 0, 0
-  for _ in range(num_batches):
-    b = next(it)
-    effs.append(row_efficiency(b))
-    und.append(np.mean(b["und_sample_ids"] >= 0))
-    gen.append(np.mean(b["gen_sample_ids"] >= 0))
-    samples += int(np.sum(b["und_sample_ids"].max(axis=1) + 1))
-    rows += b["und_sample_ids"].shape[0]
-  dt = time.perf_counter() - t0
-  return {"rows_per_s": rows / dt, "samples_per_s": samples / dt, "samples_per_row": samples / rows,
-          "efficiency": float(np.mean(effs)), "und_fill": float(np.mean(und)), "gen_fill": float(np.mean(gen))}
 
 
 def kept_fraction(config, num_samples: int = 600) -> float:
