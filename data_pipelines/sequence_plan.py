@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from unimage_jax import layout
+from unimage_jax.config_validation import ConfigError
 from unimage_jax.layout import BufferSizes, ImageSegment, TextSegment, VitSegment
 from unimage_jax.pixel_codec import image_to_tokens
 from unimage_jax.script_schema import Script, frame_line, header_lines, video_line
@@ -70,7 +71,7 @@ class PlanConfig:
   def from_config(cls, config) -> "PlanConfig":
     d, m = config.data, config.model
     if m.autoencoder != "pixel" or m.latent_channels != 3 * m.pixel_downsample ** 2:
-      raise NotImplementedError(
+      raise ConfigError(
           f"the data pipeline encodes keyframes with the pixel codec only (config.model.autoencoder="
           f"{m.autoencoder!r}, latent_channels={m.latent_channels}); a VAE config needs on-device encoding")
     weights = tuple((t, float(d.tasks[t])) for t in TASKS if t in d.tasks and float(d.tasks[t]) > 0)

@@ -101,5 +101,6 @@ def test_every_variant_fits_alone():
 
 def test_vae_configs_are_refused_clearly():
   from configs import mot_1b
-  with pytest.raises(NotImplementedError, match="pixel codec only"):
+  from unimage_jax.config_validation import ConfigError
+  with pytest.raises(ConfigError, match="pixel codec only"):
     PlanConfig.from_config(mot_1b.get_config())
