@@ -26,6 +26,13 @@ def user_symbols(max_characters: int = MAX_CHARACTER_TAGS, max_environments: int
   return list(CONTROL_TOKENS) + [CUE_OPEN, CUE_CLOSE] + id_tags(max_characters, max_environments, max_shots)
 
 
+def set_control_ids(tok) -> None:
+  """``im_start``/``im_end``/``vision_start``/``vision_end`` attributes from ``tok.special_ids``
+  (shared by the SentencePiece and the HF-tokenizers wrappers)."""
+  for name in ("im_start", "im_end", "vision_start", "vision_end"):
+    setattr(tok, name, tok.special_ids[f"<|{name}|>"])
+
+
 class Tokenizer:
   """Thin wrapper over a SentencePiece model: encode/decode plus the ids the packer needs."""
 
@@ -46,10 +53,7 @@ class Tokenizer:
     for sym in CONTROL_TOKENS:
       if sym not in self.special_ids:
         raise ValueError(f"tokenizer {model_path} lacks the control symbol {sym}")
-    self.im_start = self.special_ids["<|im_start|>"]
-    self.im_end = self.special_ids["<|im_end|>"]
-    self.vision_start = self.special_ids["<|vision_start|>"]
-    self.vision_end = self.special_ids["<|vision_end|>"]
+    set_control_ids(self)
 
   @property
   def vocab_size(self) -> int:

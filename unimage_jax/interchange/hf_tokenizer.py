@@ -16,6 +16,8 @@ from typing import Sequence
 
 import tokenizers
 
+from unimage_jax.tokenizer import set_control_ids
+
 CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
@@ -48,10 +50,7 @@ class HFTokenizer:
     for tok in self._tok.get_added_tokens_decoder().values():  # the checkpoint's own specials too
       if tok.special:
         self.special_ids.setdefault(tok.content, self._tok.token_to_id(tok.content))
-    self.im_start = self.special_ids["<|im_start|>"]
-    self.im_end = self.special_ids["<|im_end|>"]
-    self.vision_start = self.special_ids["<|vision_start|>"]
-    self.vision_end = self.special_ids["<|vision_end|>"]
+    set_control_ids(self)
 
   @property
   def vocab_size(self) -> int:
