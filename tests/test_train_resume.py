@@ -113,3 +113,11 @@ def test_mesh_mismatch_is_refused_before_compiling(tiny_config):
     mesh = sharding.make_mesh(tiny_config.mesh, jax.devices()[:8])
     with pytest.raises(ConfigError, match=r"config.model.num_heads=4 is not divisible by config.mesh.tensor=8"):
       sharding.check_mesh_compatible(tiny_config, mesh)
+
+
+def test_relative_workdir_checkpoints(tiny_config, tmp_path, monkeypatch):
+  """The README's main job uses a relative workdir (runs/tiny); Orbax needs absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  tiny_config.train.update(workdir="runs/rel", steps=2, checkpoint_every=1)
+  loop.train(tiny_config, devices=jax.devices()[:1])
+  assert sorted(p.name for p in (tmp_path / "runs/rel/checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]

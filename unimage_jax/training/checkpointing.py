@@ -55,7 +55,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, config: ml_collections.ConfigDict, *, async_save: bool = True):
     self.config = config
-    self.directory = directory
+    self.directory = directory = os.path.abspath(directory)  # Orbax/TensorStore need absolute paths
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.train.keep_checkpoints,
         enable_async_checkpointing=async_save,
