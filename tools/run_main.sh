@@ -9,5 +9,5 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 WORKDIR=${WORKDIR:-runs/tiny}
 python tools/train.py --config=configs/tiny.py --workdir="$WORKDIR" "$@"
 python tools/direct.py --checkpoint="$WORKDIR" --output="$WORKDIR/storyboard" \
-  --prompt="${PROMPT:-Two friends search the park for a lost red kite}"
+  --prompt="${PROMPT:-Mila and Odo spend a day at the park.}"
 echo "open $WORKDIR/storyboard/storyboard.html"

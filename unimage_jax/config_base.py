@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   inf.cfg_interval = (0.0, 1.0)
   inf.cfg_renorm_type = "global"  # global | channel | text_channel
   inf.cfg_renorm_min = 0.0
-  inf.max_attempts = 3  # resample with the next seed when a script cannot be repaired
+  inf.max_attempts = 6  # resample with the next seed when a script cannot be repaired
 
   # ---------------------------------------------------------------- mesh and sharding (section 8)
   s = c.mesh = ml_collections.ConfigDict()
