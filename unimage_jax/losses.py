@@ -52,7 +52,7 @@ def chunked_cross_entropy(hidden, logits_fn, labels, weights, chunk: int):
 
   hidden [B, L, E], labels [B, L] (IGNORE_LABEL = no loss), weights [B, L]. Tokens are processed
   ``chunk`` at a time under ``jax.checkpoint`` so only one ``[chunk, V]`` tile is ever live.
-  Returns (weighted CE sum, number of correct argmax predictions).
+  Returns the weighted CE sum.
   """
   e = hidden.shape[-1]
   h = hidden.reshape(-1, e)
@@ -72,11 +72,9 @@ def chunked_cross_entropy(hidden, logits_fn, labels, weights, chunk: int):
     logits = logits_fn(h_c)  # [chunk, V] fp32
     lse = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
-    correct = (jnp.argmax(logits, axis=-1) == y_c) & (w_c > 0)
-    return jnp.sum((lse - target) * w_c), jnp.sum(correct)
+    return jnp.sum((lse - target) * w_c)
 
-  ce, correct = jax.lax.map(body, (h, y, w))
-  return jnp.sum(ce), jnp.sum(correct)
+  return jnp.sum(jax.lax.map(body, (h, y, w)))
 
 
 def loss_sums(model, batch, rng: jax.Array, model_cfg: ml_collections.ConfigDict, max_segments: int) -> LossSums:
@@ -84,7 +82,7 @@ def loss_sums(model, batch, rng: jax.Array, model_cfg: ml_collections.ConfigDict
   x_t, t, target, noised = noise_latents(rng, batch, max_segments, model_cfg.timestep_shift)
   hidden, velocity = model(batch, x_t, t)
   labels, weights = batch["und_labels"], batch["und_loss_weights"]
-  ce_sum, _ = chunked_cross_entropy(hidden, model.logits, labels, weights, model_cfg.ce_chunk)
+  ce_sum = chunked_cross_entropy(hidden, model.logits, labels, weights, model_cfg.ce_chunk)
   per_token = jnp.mean(jnp.square(velocity - target), axis=-1)  # [B, Lg]
   has_label = labels != layout.IGNORE_LABEL
   return LossSums(

@@ -85,11 +85,12 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
     if not restored.data_restored:
       logging.warning("checkpoint step %d has no data-iterator state: data order restarts", start)
 
-  batch_shardings = {k: v.sharding for k, v in data_source.batch_spec(config, mesh).items()}
+  batch_spec = data_source.batch_spec(config, mesh)
+  batch_shardings = {k: v.sharding for k, v in batch_spec.items()}
   train_step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, optimizer), shardings, batch_shardings)
   t0 = time.time()
   with attention_mesh(mesh):  # Pallas attention kernels run per shard of this mesh
-    compiled = train_step.lower(state, data_source.batch_spec(config, mesh)).compile()
+    compiled = train_step.lower(state, batch_spec).compile()
   logging.info("train step compiled in %.1fs", time.time() - t0)
   flops_per_device = metrics_lib.analytic_flops_per_step(config) / mesh.size
   peak = metrics_lib.peak_flops(mesh.devices.flat[0])
