@@ -96,13 +96,23 @@ def test_gpu_kernel_matches_reference(hq, hkv, seed, shuffle, blocks):
   _compare("pallas_gpu", seed, hq, hkv, shuffle, *blocks)
 
 
-@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (7, 1)])
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), shuffle=st.booleans(),
+       blocks=st.sampled_from([(16, 32), (32, 16), (16, 16)]),
+       sizes=st.sampled_from([(60, 40), (45, 32)]))  # L = 100, 77
+def test_blocked_xla_matches_reference(hq, hkv, seed, shuffle, blocks, sizes):
+  """The CPU fast path (flash-style XLA with EMPTY tiles skipped by lax.cond)."""
+  _compare("xla_flash", seed, hq, hkv, shuffle, *blocks, lu=sizes[0], lg=sizes[1])
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu", "xla_flash"])
 def test_square_blocks_and_exact_multiple(impl):
   """Other tilings: block_q > block_k, and a length that is an exact multiple of the tiles."""
   _compare(impl, 3, 4, 2, False, block_q=32, block_k=16, lu=80, lg=48)
 
 
-@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu", "xla_flash"])
 def test_all_padding_row_is_zero(impl):
   q, k, v, meta, w = _inputs(0, 2, 1, False)
   meta = TokenMeta(*(x.at[1].set(0 if i != 0 else -1) for i, x in enumerate(meta)))
@@ -123,14 +133,14 @@ def test_bf16_close_to_reference():
 
 
 def test_dispatch():
-  assert resolve_impl("auto", "cpu") == "xla"
+  assert resolve_impl("auto", "cpu") == "xla_flash"
   assert resolve_impl("auto", "tpu") == "pallas_tpu"
   assert resolve_impl("auto", "gpu") == "pallas_gpu"
   with pytest.raises(ValueError):
     resolve_impl("cudnn")
   q, k, v, meta, _ = _inputs(1, 2, 2, False)
-  np.testing.assert_array_equal(attention(q, k, v, meta, impl="auto"),
-                                reference_attention(q, k, v, meta))
+  np.testing.assert_array_equal(attention(q, k, v, meta, impl="xla"), reference_attention(q, k, v, meta))
+  np.testing.assert_allclose(attention(q, k, v, meta, impl="auto"), reference_attention(q, k, v, meta), atol=2e-6)
 
 
 _SHARDED = r"""

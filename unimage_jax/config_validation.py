@@ -11,7 +11,7 @@ import ml_collections
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots_saveable", "save_attention_out")
-ATTENTION_IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "auto")
+ATTENTION_IMPLS = ("xla", "xla_flash", "pallas_tpu", "pallas_gpu", "auto")
 AUTOENCODERS = ("pixel", "flux_vae")
 SCHEDULES = ("cosine", "constant", "linear")
 PARAM_GROUPS = ("und_expert", "gen_expert", "embeddings", "lm_head", "latent_io", "connector", "vit")

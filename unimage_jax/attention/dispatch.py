@@ -1,10 +1,12 @@
 """One entry point for MoT attention: ``attention(q, k, v, q_meta, ...)`` with a chosen backend.
 
 ``impl``:
-* ``"xla"``        the pure-XLA reference (:func:`reference_attention`), any backend;
+* ``"xla"``        the pure-XLA reference (:func:`reference_attention`), any backend: the oracle;
+* ``"xla_flash"``  block-skipping flash attention in plain XLA (:mod:`blocked_xla`), any backend:
+                   the fast path on the CPU (same function, tile-sized working set);
 * ``"pallas_tpu"`` the Mosaic TPU kernel (:mod:`pallas_tpu`);
 * ``"pallas_gpu"`` the Pallas Triton kernel (:mod:`pallas_gpu`);
-* ``"auto"``       pallas_tpu on TPU, pallas_gpu on GPU, xla on CPU.
+* ``"auto"``       pallas_tpu on TPU, pallas_gpu on GPU, xla_flash on CPU.
 
 ``interpret=None`` runs a Pallas kernel in interpret mode exactly when the default backend is the
 CPU, so the kernels can be exercised (slowly) in CPU tests.
@@ -17,7 +19,8 @@ import jax
 from unimage_jax.attention.reference import reference_attention
 from unimage_jax.layout import TokenMeta
 
-IMPLS = ("xla", "pallas_tpu", "pallas_gpu", "auto")
+IMPLS = ("xla", "xla_flash", "pallas_tpu", "pallas_gpu", "auto")
+XLA_IMPLS = ("xla", "xla_flash")  # plain XLA: partitioned by GSPMD, no shard_map or interpret mode
 
 # Default tiles per kernel (block_q, block_k): MXU-sized on TPU, Triton-sized on GPU.
 DEFAULT_BLOCKS = {"pallas_tpu": (256, 512), "pallas_gpu": (64, 64)}
@@ -30,7 +33,7 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
   if impl != "auto":
     return impl
   backend = backend or jax.default_backend()
-  return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(backend, "xla")
+  return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(backend, "xla_flash")
 
 
 def attention(
@@ -51,6 +54,10 @@ def attention(
   impl = resolve_impl(impl)
   if impl == "xla":
     return reference_attention(q, k, v, q_meta, k_meta, scale=scale, query_chunk=query_chunk)
+  if impl == "xla_flash":
+    from unimage_jax.attention.blocked_xla import DEFAULT_BLOCK, blocked_attention
+    return blocked_attention(q, k, v, q_meta, k_meta, scale=scale, block_q=block_q or DEFAULT_BLOCK,
+                             block_k=block_k or DEFAULT_BLOCK)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   dq, dk = DEFAULT_BLOCKS[impl]

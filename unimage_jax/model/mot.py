@@ -30,7 +30,7 @@ def model_attention(q, k, v, meta: TokenMeta, cfg: ml_collections.ConfigDict):
   (``shard_map``) when a step is traced under :func:`mesh_context.attention_mesh`."""
   impl = attention_dispatch.resolve_impl(cfg.attention_impl)
   mesh = mesh_context.current_mesh()
-  if impl != "xla" and mesh is not None and mesh.size > 1:
+  if impl not in attention_dispatch.XLA_IMPLS and mesh is not None and mesh.size > 1:
     from unimage_jax.attention.sharded import sharded_attention
     # interpret mode only where the mesh's devices are CPUs (tests); real kernels for TPU/GPU meshes,
     # including topology descriptions compiled ahead of time on a CPU host
