@@ -194,6 +194,28 @@ def test_validity_and_script_cast_checks():
   assert "character1" in r["script_cast_checks"] and r["cast_consistency"] < 1.0
 
 
+def test_prompt_adherence():
+  """The script's cast names, places and character count against what the prompt asked for."""
+  x = _inputs(32, 1)[0]
+  names, places = metrics.prompt_mentions(x.prompt)
+  assert names and places
+  r = metrics.score_story(x)
+  assert (r["prompt_names"], r["prompt_places"], r["prompt_count"]) == (1.0, 1.0, 1.0)
+  # another cast: Tess and Milo asked for, a story about Mira and Nia written
+  wrong = x.prompt
+  for i, n in enumerate(names):
+    wrong = wrong.replace(n, [m for m in cast_lib.NAMES if m not in names][i])
+  r = metrics.score_story(dataclasses.replace(x, prompt=wrong))
+  assert r["prompt_names"] == 0.0 and r["prompt_places"] == 1.0 and r["prompt_count"] == 1.0
+  other_place = next(p.name for p in cast_lib.PLACES if p.name not in places)
+  r = metrics.score_story(dataclasses.replace(x, prompt=f"{names[0]} and Zzz visit the {other_place}."))
+  assert r["prompt_places"] == 0.0 and r["prompt_names"] == float(len(names) == 1)
+  assert metrics.prompt_adherence("A walk in the rain.", script_semantics.interpret(x.script)) == {
+      "prompt_names": None, "prompt_places": None, "prompt_count": None}
+  avg = metrics.average([metrics.score_story(x)])
+  assert avg["prompt_names"] == 1.0 and "cast = prompt names" in evaluate.comparison_table({"gt": avg})
+
+
 # ---------------------------------------------------------------------------- the tool
 def test_tool_errors(tmp_path):
   with pytest.raises(evaluate.EvalError, match="does not exist"):

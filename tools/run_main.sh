@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 WORKDIR=${WORKDIR:-runs/tiny}
 python tools/train.py --config=configs/tiny.py --workdir="$WORKDIR" "$@"
-python tools/direct.py --checkpoint="$WORKDIR" --output="$WORKDIR/storyboard" \
-  --prompt="${PROMPT:-Mila and Odo spend a day at the park.}"
-echo "open $WORKDIR/storyboard/storyboard.html"
+# the prompt of a held-out StoryWorld story (never trained on), so the storyboard can be scored
+if [ -n "${PROMPT:-}" ]; then WHAT=(--prompt="$PROMPT"); else WHAT=(--heldout_story="${STORY:-0}"); fi
+python tools/direct.py --checkpoint="$WORKDIR" --output="$WORKDIR/storyboard" "${WHAT[@]}"
+echo "open $WORKDIR/storyboard/storyboard.html (contact sheet: $WORKDIR/storyboard/contact_sheet.png)"

@@ -15,6 +15,11 @@ judge. Definitions (README "Evaluation" has the same text):
   slot with its described size; averaged over shots.
 * identity consistency: over characters matched in >= 2 shots, the share of appearances whose
   colour, shape, size and accessory agree with that character's most common look.
+* prompt adherence (the script against the prompt it was written for): ``prompt_names`` 1 when
+  the names of the <CharacterN> lines are exactly the StoryWorld names the prompt mentions,
+  ``prompt_places`` 1 when the <EnvironmentN> lines describe exactly the places it mentions,
+  ``prompt_count`` 1 when the script has as many characters as the prompt names; None when the
+  prompt names no StoryWorld character (resp. place), e.g. a free prompt.
 
 A trait the detector cannot read (too little in frame) is not checked; a size or shape is
 accepted when it explains the blob within ``detector.MARGIN`` IoU of the best (32 px frames).
@@ -29,11 +34,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from data_pipelines.storyworld import cast as cast_lib
 from data_pipelines.storyworld.grammar import NUM_SLOTS
 from unimage_jax import script_schema as ss
 from unimage_jax.evaluation import detector, expected, script_semantics
 
-METRICS = ("validity", "cast_consistency", "agreement", "identity_consistency")
+METRICS = ("validity", "cast_consistency", "agreement", "identity_consistency",
+           "prompt_names", "prompt_places", "prompt_count")
+_PROMPT_WORD = re.compile(r"[A-Za-z]+")
 _CHAR_LINE = re.compile(r"^<Character(\d+)>: ?(.*)$")
 
 
@@ -131,6 +139,27 @@ def looks_like(d: detector.Detection, t: script_semantics.Traits) -> bool:
           and (d.accessory is None or d.accessory == t.accessory))
 
 
+# ------------------------------------------------------------------------- prompt adherence
+def prompt_mentions(prompt: str) -> tuple[list[str], list[str]]:
+  """(StoryWorld character names, place names) a prompt mentions, in prompt order."""
+  words = _PROMPT_WORD.findall(prompt)
+  names = [w for w in dict.fromkeys(words) if w in cast_lib.NAMES]
+  places = [w for w in dict.fromkeys(w.lower() for w in words) if w in {p.name for p in cast_lib.PLACES}]
+  return names, places
+
+
+def prompt_adherence(prompt: str, sem: script_semantics.Semantics) -> dict[str, float | None]:
+  """Does the cast/places/character count of the script follow the prompt? (1/0, None = not asked)."""
+  names, places = prompt_mentions(prompt)
+  cast_names = [t.name for t in sem.cast]
+  script_places = [p.name if p is not None else None for p in sem.places]
+  return {
+      "prompt_names": float(sorted(cast_names) == sorted(names)) if names else None,
+      "prompt_places": float(sorted(script_places, key=str) == sorted(places)) if places else None,
+      "prompt_count": float(len(cast_names) == len(names)) if names else None,
+  }
+
+
 # ---------------------------------------------------------------------------------- story
 def score_story(inp: StoryInput) -> dict[str, Any]:
   """All metrics of one story, with the per-shot details behind them."""
@@ -142,6 +171,7 @@ def score_story(inp: StoryInput) -> dict[str, Any]:
       "story_id": inp.story_id, "prompt": inp.prompt, "shots": len(script.shots),
       "validity": float(ok), "validity_error": error, "repaired": bool(inp.repairs),
       "interpretable": sem.complete, "script_cast_checks": [n for n, p in checks if not p],
+      **prompt_adherence(inp.prompt, sem),
   }
   if len(inp.keyframes) != len(script.shots):
     result["keyframe_error"] = f"{len(inp.keyframes)} keyframes for {len(script.shots)} shots"

@@ -1,0 +1,170 @@
+"""What the keyframe velocity depends on: text, earlier clean keyframes, position, the timestep.
+
+Why. A director whose image tokens ignore their context draws the same picture after any script;
+the flow loss alone does not show it (a context-free denoiser already reaches a low MSE). This
+probe asks the trained model directly. For held-out stories and shots it builds the context of a
+keyframe exactly as training lays it out (``interleaved``: the script up to the shot's frame line
+with the earlier clean keyframes between the lines; ``keyframe``: the whole script, the earlier
+clean keyframes, the frame line), noises the true keyframe latents at timestep ``t``
+(``x_t = (1 - t) x0 + t eps``) and reads the velocity of the noised image under changed contexts:
+
+* ``other_text``  the text of another story (same images, same layout);
+* ``no_images``   the earlier clean keyframes dropped;
+* ``positions``   the latent grid positions of the noised image shuffled;
+* ``timestep``    the same ``x_t`` read at ``t' = (t + 0.5) mod 1`` (does the model read the noise level?).
+
+Reported per variant: the relative change ``|v' - v| / |v|``, and the error of the implied clean
+image ``x0_hat = x_t - t v`` against the truth (mean squared, latent units), which is the number
+that decides whether a keyframe shows the right place and cast.
+Everything runs through the training forward pass (one packed row per probe, one compile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimage_jax import layout
+from unimage_jax.script_schema import frame_line, header_lines, video_line
+
+VARIANTS = ("full", "other_text", "no_images", "positions", "timestep")
+
+
+@dataclasses.dataclass
+class ProbeRow:
+  """One packed probe: the noised image is the last image segment of the row."""
+
+  segments: list[layout.Segment]
+  target: np.ndarray  # [n, Dl] true latent tokens of the noised image
+
+
+def context_segments(planner, script, frames: Sequence[np.ndarray], k: int, task: str,
+                     text_from=None) -> list[layout.Segment]:
+  """Segments before keyframe ``k`` (1-based) in the ``task``'s training layout.
+
+  ``text_from`` (a script) supplies the text instead of ``script`` (the ``other_text`` variant):
+  its lines up to shot ``k`` (shorter scripts repeat their last shot's lines).
+  """
+  text = script if text_from is None else text_from
+  n = len(text.shots)
+  kk = lambda j: min(j, n)
+  clean = [planner._image(frames[j - 1], noised=False) for j in range(1, k)]
+  if task == "interleaved":
+    segs: list[layout.Segment] = [planner._text(header_lines(text) + [frame_line(text, 1)], True)]
+    for j in range(1, k):
+      segs.append(clean[j - 1])
+      segs.append(planner._text([video_line(text, kk(j)), frame_line(text, kk(j + 1))], True))
+    return segs
+  lines = header_lines(text) + sum(([frame_line(text, j), video_line(text, j)] for j in range(1, n + 1)), [])
+  return [planner._text(lines, False), *clean, planner._text([frame_line(text, kk(k))], False)]
+
+
+def probe_segments(planner, record, other, k: int, task: str, variant: str) -> ProbeRow:
+  script, frames = record["script"], record["keyframes"]
+  if variant == "other_text":
+    segs = context_segments(planner, script, frames, k, task, text_from=other["script"])
+  else:
+    segs = context_segments(planner, script, frames, k, task)
+  if variant == "no_images":
+    segs = [s for s in segs if not isinstance(s, layout.ImageSegment)]
+  target = planner._image(frames[k - 1], noised=True)
+  return ProbeRow(segs + [target], target.latents)
+
+
+def _fit_row(row: ProbeRow, sizes: layout.BufferSizes) -> ProbeRow:
+  """Drops the oldest context shots until the row fits (the noised image always stays)."""
+  segs = list(row.segments)
+  while True:
+    u, g, v, s = layout.sample_lengths(segs)
+    if u <= sizes.und_len and g <= sizes.gen_len and v <= sizes.vit_len and s <= sizes.max_segments:
+      return ProbeRow(segs, row.target)
+    images = [i for i, x in enumerate(segs[:-1]) if isinstance(x, layout.ImageSegment)]
+    if not images:
+      raise ValueError(f"a probe row does not fit {sizes} even without earlier keyframes")
+    del segs[images[0]]
+
+
+class FlowProbe:
+  """Binds a model; ``run`` returns the per-variant statistics over stories and shots."""
+
+  def __init__(self, model_def, params, tables, config, planner):
+    self.config, self.planner = config, planner
+    m, d = config.model, config.data
+    # room for whole stories: twice the training row
+    self.sizes = layout.BufferSizes(2 * d.und_len, 2 * d.gen_len, max(d.vit_len, 1), 2 * d.max_segments)
+    self.latent_dim = m.latent_channels * m.latent_patch_size**2
+    self.grid, self.vit_patch_dim, self.vit_grid = m.max_latent_grid, m.vit.patch_size**2 * 3, m.vit.max_patches_per_side
+
+    def velocity(params, tables, batch, x_t, t):
+      model = model_def.bind(params, tables)
+      return model(batch, x_t, t)[1]
+
+    self._velocity = jax.jit(velocity)
+    self.params, self.tables = params, tables
+
+  def _row(self, probe: ProbeRow, shuffle_positions: np.random.Generator | None = None):
+    row = layout.pack_row([probe.segments], self.sizes, self.latent_dim, self.grid, self.vit_patch_dim, self.vit_grid)
+    n = len(probe.target)
+    gen_used = int(np.sum(row["gen_sample_ids"] >= 0))
+    target_slots = np.arange(gen_used - n, gen_used)  # the noised image is the last gen segment
+    if shuffle_positions is not None:
+      row["gen_latent_pos"][target_slots] = shuffle_positions.permutation(row["gen_latent_pos"][target_slots])
+    return row, target_slots
+
+  def velocity_of(self, probe: ProbeRow, t: float, eps: np.ndarray, read_t: float | None = None,
+                  shuffle: np.random.Generator | None = None):
+    """(velocity of the noised image [n, Dl], x_t [n, Dl]) with the true keyframe noised at ``t``."""
+    row, slots = self._row(probe, shuffle)
+    x0 = row["gen_latents"]
+    x_t = x0.copy()
+    x_t[slots] = (1.0 - t) * probe.target + t * eps
+    timesteps = np.zeros(x0.shape[0], np.float32)
+    timesteps[slots] = t if read_t is None else read_t
+    batch = {k: jnp.asarray(v[None]) for k, v in row.items()}
+    v = self._velocity(self.params, self.tables, batch, jnp.asarray(x_t[None]), jnp.asarray(timesteps[None]))
+    return np.asarray(v[0])[slots], x_t[slots]
+
+  def run(self, records: Sequence[dict[str, Any]], task: str, timesteps=(0.5, 0.9), shots_per_story: int = 3,
+          seed: int = 0) -> dict[str, dict[str, float]]:
+    rng = np.random.default_rng(seed)
+    stats: dict[str, dict[str, list[float]]] = {}
+    for i, record in enumerate(records):
+      other = records[(i + 1) % len(records)]
+      n_shots = len(record["script"].shots)
+      for k in sorted(rng.choice(np.arange(1, n_shots + 1), min(shots_per_story, n_shots), replace=False)):
+        for t in timesteps:
+          eps = rng.standard_normal((self.grid_tokens(record), self.latent_dim)).astype(np.float32)
+          full = _fit_row(probe_segments(self.planner, record, other, int(k), task, "full"), self.sizes)
+          v_full, x_t = self.velocity_of(full, t, eps)
+          for variant in VARIANTS:
+            if variant == "full":
+              v = v_full
+            elif variant == "positions":
+              v, _ = self.velocity_of(full, t, eps, shuffle=np.random.default_rng(int(rng.integers(1 << 30))))
+            elif variant == "timestep":
+              v, _ = self.velocity_of(full, t, eps, read_t=(t + 0.5) % 1.0)
+            else:
+              probe = _fit_row(probe_segments(self.planner, record, other, int(k), task, variant), self.sizes)
+              v, _ = self.velocity_of(probe, t, eps)
+            x0_err = float(np.mean(np.square(x_t - t * v - full.target)))
+            change = float(np.linalg.norm(v - v_full) / (np.linalg.norm(v_full) + 1e-9))
+            s = stats.setdefault(f"{variant} t={t}", {"change": [], "x0_mse": []})
+            s["change"].append(change)
+            s["x0_mse"].append(x0_err)
+    return {name: {k: float(np.mean(v)) for k, v in s.items()} for name, s in stats.items()}
+
+  def grid_tokens(self, record) -> int:
+    return len(self.planner._image(record["keyframes"][0], noised=True).latents)
+
+
+def table(stats: dict[str, dict[str, float]], x0_variance: float) -> str:
+  """Markdown rows: variant, relative velocity change, implied-x0 MSE (and vs the data variance)."""
+  lines = ["| context | t | velocity change vs full | implied x0 MSE | x0 MSE / latent variance |", "|---|---|---|---|---|"]
+  for name, s in stats.items():
+    variant, t = name.split(" t=")
+    lines.append(f"| {variant} | {t} | {s['change']:.3f} | {s['x0_mse']:.4f} | {s['x0_mse'] / x0_variance:.3f} |")
+  return "\n".join(lines) + "\n"
