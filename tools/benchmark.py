@@ -6,11 +6,15 @@
              StoryWorld-like packed row (on the CPU the kernel runs in interpret mode: that
              comparison is only meaningful on TPU/GPU)
 * data:      packed rows/s and efficiency vs one sample per row (unpacked)
+* torch:     the jitted train step against an eager PyTorch forward+backward of the same model
+             (``unimage_jax.torch_serving`` with autograd, same weights, same packed StoryWorld
+             rows, same losses), both on this machine's CPU threads
 ``--write`` appends the tables to BENCHMARKS.md with the command, machine and date.
 Timings are measured (medians of repeats); nothing here asserts speed.
 """
 
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -23,7 +27,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
-_WHAT = flags.DEFINE_list("what", ["train", "attention", "data"], "Benchmarks to run.")
+_WHAT = flags.DEFINE_list("what", ["train", "attention", "data"], "Benchmarks to run (train, attention, data, torch).")
+_TORCH_ROWS = flags.DEFINE_list("torch_rows", ["1", "8"], "Packed rows per step in the torch comparison.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed train steps per variant.")
 _ATTN_LEN = flags.DEFINE_integer("attention_length", 2048, "Row length of the attention benchmark.")
 _ATTN_IMPL = flags.DEFINE_string("attention_impl", "auto", "Kernel to compare with the reference.")
@@ -116,6 +121,53 @@ def bench_data(config) -> list[str]:
   return rows
 
 
+def bench_torch(config) -> list[str]:
+  import tempfile
+  import torch
+  from data_pipelines import pipeline
+  from unimage_jax import losses, sharding
+  from unimage_jax.interchange import export
+  from unimage_jax.model import functional
+  from unimage_jax.torch_serving import load_exported
+  from unimage_jax.training import optimizer, state as state_lib, step as step_lib
+  torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores XLA's CPU client uses too
+  pipeline.ensure_dataset(config, verbose=False)
+  # the JAX step does more than the PyTorch one: it also applies AdamW, clipping and the EMA
+  rows = ["| rows x (und + gen) | PyTorch eager fwd+bwd s | JAX jitted train step s | JAX / PyTorch time |", "|---|---|---|---|"]
+  for n_rows in (int(r) for r in _TORCH_ROWS.value):
+    c = config.copy_and_resolve_references()
+    c.data.batch_size = n_rows
+    batch = {k: jnp.asarray(v) for k, v in next(pipeline.make_train_iterator(c, process_index=0, process_count=1)).items()}
+    params, tables = functional.init_params(c.model, 0)
+    with tempfile.TemporaryDirectory() as d:
+      export.export_params(params, tables, c.model, d)
+      tm = load_exported(d, device="cpu", dtype=torch.float32)
+    tb = {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}
+    x_t, t, target, noised = losses.noise_latents(jax.random.key(0), batch, c.data.max_segments, c.model.timestep_shift)
+    x_t, t, target, noised = (torch.as_tensor(np.asarray(a)) for a in (x_t, t, target, noised))
+    labels = tb["und_labels"].long()
+
+    def torch_step():  # the same losses as unimage_jax.losses (full logits: the tiny vocab allows it)
+      logits, velocity = tm(tb, x_t, t)
+      ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0),
+                                             reduction="none")
+      ce = (ce * (labels.reshape(-1) >= 0)).sum() / (labels >= 0).sum()
+      mse = (((velocity - target) ** 2).mean(-1) * noised).sum() / noised.sum()
+      (ce + mse).backward()
+      tm.zero_grad(set_to_none=True)
+
+    torch_s = _median_time(lambda: torch_step() or jnp.zeros(()), _STEPS.value)
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    abstract_params, _ = functional.abstract_params(c.model)
+    tx = optimizer.make_optimizer(c, abstract_params)
+    shardings = state_lib.state_shardings(c, state_lib.abstract_state(c, tx), mesh)
+    state = state_lib.init_state(c, tx, shardings)
+    compiled = jax.jit(step_lib.make_train_step(c, functional.model_def(c.model), tx)).lower(state, batch).compile()
+    jax_s = _median_time(lambda: compiled(state, batch)[1]["loss"], _STEPS.value)
+    rows.append(f"| {n_rows} x ({c.data.und_len} + {c.data.gen_len}) | {torch_s:.3f} | {jax_s:.3f} | {jax_s / torch_s:.2f} |")
+  return rows
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -123,7 +175,8 @@ def main(argv):
   header = (f"`python {' '.join(sys.argv)}` on {device.device_kind} ({jax.device_count()} device(s), "
             f"{platform.machine()}), jax {jax.__version__}, {datetime.date.today()}")
   sections = []
-  for what, fn in (("train", bench_train), ("attention", bench_attention), ("data", bench_data)):
+  for what, fn in (("train", bench_train), ("attention", bench_attention), ("data", bench_data),
+                   ("torch", bench_torch)):
     if what in _WHAT.value:
       rows = fn(config)
       sections.append((what, rows))

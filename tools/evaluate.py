@@ -33,6 +33,8 @@ _USE_EMA = flags.DEFINE_bool("use_ema", True, "Use EMA weights when the checkpoi
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line, instead of "
                                     "the validation split (checkpoints only: there is no ground truth).")
 _OUTPUT = flags.DEFINE_string("output", "artifacts/eval", "Output directory.")
+_TRUE_SCRIPTS = flags.DEFINE_bool("true_scripts", False, "Also a row per checkpoint whose keyframes are drawn "
+                                  "for the held-out stories' own scripts (the image side alone).")
 
 GT_LABEL = "ground truth (upper bound)"
 
@@ -61,7 +63,9 @@ def read_prompts_file(path: str) -> list[str]:
 
 # ------------------------------------------------------------------------------ scoring
 def score_checkpoint(workdir: str, prompts: list[tuple[str, str]], shots: int | None, seed: int,
-                     step: int | None, use_ema: bool) -> list[dict]:
+                     step: int | None, use_ema: bool, true_scripts: list | None = None) -> list[dict]:
+  """Directs every prompt and scores the storyboard; with ``true_scripts`` (records) it instead
+  draws the keyframes of each record's own script (teacher forcing the text)."""
   from unimage_jax.evaluation import metrics
   try:
     from unimage_jax.director import Director
@@ -72,6 +76,14 @@ def score_checkpoint(workdir: str, prompts: list[tuple[str, str]], shots: int | 
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise EvalError(f"cannot load a director from {workdir!r}: {type(e).__name__}: {e}") from None
   out = []
+  if true_scripts is not None:
+    from unimage_jax import script_schema
+    for i, r in enumerate(true_scripts):
+      script = r["script"]
+      images = director.draw_keyframes(script, seed=seed + i)
+      out.append(metrics.score_story(metrics.StoryInput(r["story_id"], script.prompt, script, images,
+                                                        script_schema.render(script), [])))
+    return out
   for i, (story_id, prompt) in enumerate(prompts):
     sb = director.direct(prompt, shots=shots, seed=seed + i)
     out.append(metrics.score_story(metrics.from_storyboard(story_id, sb)))
@@ -119,7 +131,7 @@ def write_outputs(output: str, results: dict[str, list[dict]]) -> dict[str, dict
 
 def run(config, checkpoints: list[str], labels: list[str], ground_truth: bool, num_prompts: int,
         shots: int | None, seed: int, output: str, step: int | None = None, use_ema: bool = True,
-        prompts_file: str | None = None) -> dict[str, dict]:
+        prompts_file: str | None = None, true_scripts: bool = False) -> dict[str, dict]:
   """The whole evaluation; returns the averages per row label."""
   if not checkpoints and not ground_truth:
     raise EvalError("nothing to evaluate: pass --checkpoint=<workdir> and/or --ground_truth")
@@ -135,6 +147,8 @@ def run(config, checkpoints: list[str], labels: list[str], ground_truth: bool, n
   if prompts_file:
     if ground_truth:
       raise EvalError("--ground_truth needs the validation split, not --prompts_file")
+    if true_scripts:
+      raise EvalError("--true_scripts needs the validation split, not --prompts_file")
     prompts = [(f"prompt{i:04d}", p) for i, p in enumerate(read_prompts_file(prompts_file)[:num_prompts])]
     records = []
   else:
@@ -146,6 +160,8 @@ def run(config, checkpoints: list[str], labels: list[str], ground_truth: bool, n
     results[GT_LABEL] = metrics.score_ground_truth(records)
   for c, label in zip(checkpoints, labels):
     results[label] = score_checkpoint(c, prompts, shots, seed, step, use_ema)
+    if true_scripts:
+      results[f"{label} (true scripts)"] = score_checkpoint(c, prompts, shots, seed, step, use_ema, records)
   return write_outputs(output, results)
 
 
@@ -154,7 +170,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     averages = run(_CONFIG.value, _CHECKPOINT.value, _LABEL.value, _GROUND_TRUTH.value, _NUM_PROMPTS.value,
-                   _SHOTS.value, _SEED.value, _OUTPUT.value, _STEP.value, _USE_EMA.value, _PROMPTS_FILE.value)
+                   _SHOTS.value, _SEED.value, _OUTPUT.value, _STEP.value, _USE_EMA.value, _PROMPTS_FILE.value,
+                   _TRUE_SCRIPTS.value)
   except EvalError as e:
     print(f"evaluate.py: error: {e}", file=sys.stderr)
     sys.exit(2)

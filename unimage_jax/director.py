@@ -189,6 +189,31 @@ class Director:
       base, _ = self.engine.prefill(base, [[clean], [clean], []][:rows])
     return images
 
+  def _draw_interleaved(self, script: Script, rng, earlier: list[np.ndarray]) -> list[np.ndarray]:
+    """Interleaved layout, teacher-forced: the script's own lines between the keyframes."""
+    cache = self.engine.new_cache(1, int(self.inf.cache_capacity))
+    n = len(script.shots)
+    tail = lambda k: [script_schema.video_line(script, k)] + ([script_schema.frame_line(script, k + 1)] if k < n else [])
+    cache, _ = self.engine.prefill(cache, [[self._text(script_schema.header_lines(script) + [script_schema.frame_line(script, 1)])]])
+    images = list(earlier)
+    for k, img in enumerate(earlier, start=1):
+      cache, _ = self.engine.prefill(cache, [[self._image_segment(self._encode(img), False), self._text(tail(k))]])
+    for k in range(len(earlier) + 1, n + 1):
+      rng, key = jax.random.split(rng)
+      latents = self._sample_keyframe(cache, key, 1)
+      images.append(self._decode(latents))
+      if k < n:
+        cache, _ = self.engine.prefill(cache, [[self._image_segment(latents, False), self._text(tail(k))]])
+    return images
+
+  def draw_keyframes(self, script: Script, *, seed: int = 0, mode: str | None = None,
+                     earlier: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
+    """Keyframes for a given (validated) script, shots after ``earlier`` drawn: the image side of
+    the director alone (evaluation with the true script, the overfit test)."""
+    script_schema.validate(script)
+    draw = self._draw_disentangled if self._mode(mode) == "disentangled" else self._draw_interleaved
+    return draw(script, jax.random.key(seed), list(earlier))
+
   def _direct_interleaved(self, prompt: str, rng, shots: int | None, context: Storyboard | None):
     cap = int(self.inf.cache_capacity)
     cache = self.engine.new_cache(1, cap)
