@@ -1,5 +1,6 @@
 """Exact resume after SIGKILL, corrupt-checkpoint fallback, restore onto other meshes, mesh refusal."""
 
+import logging
 import os
 import pathlib
 import random
@@ -62,24 +63,37 @@ def _train_in_process(config, workdir, devices, steps):
   return loop.train(config, devices=devices)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path, caplog):
-  _train_in_process(tiny_config, tmp_path, jax.devices()[:1], steps=4)
+def test_corrupt_latest_checkpoint_is_moved_aside_recomputed_and_saved_again(tiny_config, tmp_path, caplog):
+  first = _train_in_process(tiny_config, tmp_path, jax.devices()[:1], steps=4)
   ckpt_dir = tmp_path / "checkpoints"
   assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [2, 4]
-  # truncate every data file of the latest step's params
+  # truncate every array chunk of the latest step's params (its metadata stays readable)
   for f in (ckpt_dir / "4" / "params").rglob("*"):
-    if f.is_file():
+    if f.is_file() and f.parent.name == "d":
       f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
   mesh = sharding.make_mesh(tiny_config.mesh, jax.devices()[:1])
   tx = opt_lib.make_optimizer(tiny_config, functional.abstract_params(tiny_config.model)[0])
   abstract = state_lib.abstract_state(tiny_config, tx)
   ckpt = checkpointing.Checkpointer(str(ckpt_dir), tiny_config)
-  restored = ckpt.restore_latest(abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
+  with caplog.at_level(logging.WARNING):
+    restored = ckpt.restore_latest(abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
   ckpt.close()
   assert restored.step == 2
-  # resuming the run recomputes steps 3-4 from the good checkpoint
-  last = _train_in_process(tiny_config, tmp_path, jax.devices()[:1], steps=4)
-  assert last["step"] == 4
+  assert f"checkpoint {ckpt_dir}/4 is unusable" in caplog.text
+  assert (ckpt_dir / "4.corrupt").is_dir() and not (ckpt_dir / "4").exists()  # moved aside, not deleted
+  assert f"moved the unreadable checkpoint {ckpt_dir}/4 to {ckpt_dir}/4.corrupt" in caplog.text
+  # resuming the run recomputes steps 3-4 from the good checkpoint and saves step 4 again
+  last = _train_in_process(tiny_config, tmp_path, jax.devices()[:1], steps=6)
+  assert last["step"] == 6
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [2, 4, 6]
+  step4 = {m["step"]: m["loss"] for m in read_metrics(str(tmp_path))}[4]
+  assert step4 == first["loss"]  # the recomputed step is the same step
+  caplog.clear()
+  ckpt = checkpointing.Checkpointer(str(ckpt_dir), tiny_config)
+  with caplog.at_level(logging.WARNING):
+    again = ckpt._restore(4, abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
+  ckpt.close()
+  assert again.step == 4 and "unusable" not in caplog.text
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 host devices")
