@@ -6,9 +6,9 @@
 Sampling settings are the checkpoint config's ``inference`` block, overridable with --set key=value.
 """
 
-import sys
-
 from absl import app, flags
+
+from unimage_jax import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (or its checkpoints/ dir).", required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "The user's prompt (one line).", required=True)
@@ -23,36 +23,39 @@ _SET = flags.DEFINE_multi_string("set", [], "Override an inference setting, e.g.
 
 
 def _apply_overrides(inference, overrides):
+  from unimage_jax.director import DirectorError
   for item in overrides:
     if "=" not in item:
-      raise app.UsageError(f"--set={item!r} must be key=value")
+      raise DirectorError(f"--set={item!r} must be key=value")
     key, value = item.split("=", 1)
     if key not in inference:
-      raise app.UsageError(f"--set: unknown inference setting {key!r}; known: {sorted(inference.keys())}")
+      raise DirectorError(f"--set: unknown inference setting {key!r}; known: {sorted(inference.keys())}")
     old = inference[key]
-    inference[key] = type(old)(float(value)) if isinstance(old, (int, float)) and not isinstance(old, bool) else (
-        tuple(float(x) for x in value.split(",")) if isinstance(old, (tuple, list)) else value)
+    try:
+      inference[key] = type(old)(float(value)) if isinstance(old, (int, float)) and not isinstance(old, bool) else (
+          tuple(float(x) for x in value.split(",")) if isinstance(old, (tuple, list)) else value)
+    except ValueError:
+      raise DirectorError(f"--set={item}: {value!r} is not a {type(old).__name__}") from None
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from unimage_jax.director import Director, DirectorError
+  from unimage_jax.director import Director
   from unimage_jax import storyboard_io
-  try:
-    director = Director.from_checkpoint(_CHECKPOINT.value, step=_STEP.value, use_ema=not _NO_EMA.value)
-    _apply_overrides(director.inf, _SET.value)
-    context = storyboard_io.load_storyboard(_CONTINUE.value) if _CONTINUE.value else None
-    sb = director.direct(_PROMPT.value, shots=_SHOTS.value, seed=_SEED.value, mode=_MODE.value,
-                         continue_from=context)
-  except DirectorError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  # everything the flags decide, before the checkpoint is read or anything is compiled
+  storyboard_io.check_output_dir(_OUTPUT.value)
+  context = storyboard_io.load_storyboard(_CONTINUE.value) if _CONTINUE.value else None
+  director = Director.from_checkpoint(_CHECKPOINT.value, step=_STEP.value, use_ema=not _NO_EMA.value)
+  _apply_overrides(director.inf, _SET.value)
+  director.check_settings(prefix="--set=")
+  sb = director.direct(_PROMPT.value, shots=_SHOTS.value, seed=_SEED.value, mode=_MODE.value,
+                       continue_from=context)
   paths = storyboard_io.save_storyboard(sb, _OUTPUT.value)
-  print(f"{len(sb.script.shots)} shots ({sb.mode}); repairs: {sb.repairs or 'none'}")
+  print(f"{len(sb.script.shots)} shots ({sb.mode}, checkpoint step {director.step}); repairs: {sb.repairs or 'none'}")
   for name, path in paths.items():
     print(f"  {name}: {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
