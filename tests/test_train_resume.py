@@ -36,25 +36,33 @@ def _env():
   return env
 
 
-def test_sigkill_resume_reproduces_losses_bitwise(tmp_path):
-  ref, killed = tmp_path / "ref", tmp_path / "killed"
-  subprocess.run(_train_cmd(ref), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
-  kill_at = random.Random().randint(3, 6)
-  proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+def _signal_after(cmd, metrics, lines, sig):
+  """Runs ``cmd`` and sends ``sig`` once ``metrics`` has ``lines`` lines; returns the exit code."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
-  metrics = killed / "metrics.jsonl"
   while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
-      proc.send_signal(signal.SIGKILL)
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+      proc.send_signal(sig)
       break
     time.sleep(0.05)
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  subprocess.run(_train_cmd(killed), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
+  return proc.wait(timeout=120)
+
+
+def test_sigkill_and_sigterm_resume_reproduce_losses_bitwise(tmp_path):
+  ref, killed = tmp_path / "ref", tmp_path / "killed"
+  subprocess.run(_train_cmd(ref, steps=12), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
+  kill_at = random.Random().randint(3, 5)
+  code = _signal_after(_train_cmd(killed, steps=12), killed / "metrics.jsonl", kill_at, signal.SIGKILL)
+  assert code == -signal.SIGKILL, "the run finished before it could be killed"
+  # the resumed run gets SIGTERM at its first new step: it saves at the next step boundary and exits cleanly
+  code = _signal_after(_train_cmd(killed, steps=12), killed / "metrics.jsonl", kill_at + 1, signal.SIGTERM)
+  stopped = read_metrics(str(killed))[-1]["step"]
+  assert code == 0 and stopped < 12, "the run finished before SIGTERM arrived"
+  assert stopped in checkpointing.orbax_io.finished_steps(str(killed / "checkpoints"))
+  subprocess.run(_train_cmd(killed, steps=12), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
   a = {m["step"]: (m["loss"], m["ce"], m["mse"]) for m in read_metrics(str(ref))}
   b = {m["step"]: (m["loss"], m["ce"], m["mse"]) for m in read_metrics(str(killed))}
-  assert sorted(a) == sorted(b) == list(range(1, 9))
+  assert sorted(a) == sorted(b) == list(range(1, 13))
   assert a == b  # bitwise: same floats, same data order
 
 

@@ -110,9 +110,14 @@ def check_resume(config: ml_collections.ConfigDict, directory: str) -> None:
   """Refuses, before anything is written, a run its checkpoints cannot continue; reports leftovers.
 
   Refused (ConfigError): a model or optimizer structure other than the checkpoints' (every
-  differing field listed), and ``config.train.steps`` below the newest saved step.
+  differing field listed), ``config.train.steps`` below the newest saved step, and a new run's
+  ``config.train.init_from`` that holds no checkpoint.
   """
   directory = os.path.abspath(directory)
+  source = config.train.init_from
+  if source and not orbax_io.finished_steps(directory) and not orbax_io.finished_steps(orbax_io.checkpoint_dir(source)):
+    raise ConfigError(f"config.train.init_from={source!r} holds no checkpoint steps" +
+                      ("" if os.path.isdir(source) else " (the folder does not exist)"))
   for name in orbax_io.unfinished_saves(directory):
     logging.warning("%s/%s is an unfinished save (the run stopped while writing it); it is ignored and "
                     "left in place", directory, name)
