@@ -116,7 +116,7 @@ def test_cli_orbax_export_import_round_trip(tiny_config, tmp_path):
   params, tables = functional.init_params(cfg.model, 4)
   params = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.01), params)
   src, out, back = (str(tmp_path / n) for n in ("src", "export", "back"))
-  orbax_io.save_params(src, 3, params, tables, cfg)
+  orbax_io.save_params(os.path.join(src, "checkpoints"), 3, params, tables, cfg)  # --checkpoint=<workdir>
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   run = lambda *a: subprocess.run([sys.executable, *a], cwd=REPO, env=env, check=True, capture_output=True, text=True)
   run("tools/export_torch.py", f"--checkpoint={src}", f"--output={out}", "--dtype=float32", "--max_shard_gb=0.0002")
