@@ -89,7 +89,7 @@ def test_bad_prompts_are_refused(director):
 
 
 def test_prompt_and_cache_capacity_are_checked_before_generating(director):
-  with pytest.raises(DirectorError, match=r"the prompt is \d+ tokens, too long for config.inference.cache_capacity=1024"):
+  with pytest.raises(DirectorError, match=r"the prompt is \d+ tokens, too long for .*cache_capacity=1024"):
     director.direct("word " * 10000)
   director.inf.cache_capacity = 40
   try:

@@ -167,7 +167,8 @@ def load_source(data_dir: str, dataset: str, split: str = "train", config_name: 
                     "rebuild it with tools/build_data.py") from None
   missing = [f for f in files if not os.path.isfile(f)]
   if missing:
-    raise DataError(f"{directory}: ArrayRecord file(s) missing: {', '.join(missing)}; rebuild it with tools/build_data.py")
+    raise DataError(f"{directory}: ArrayRecord file(s) missing: {', '.join(missing)}; "
+                    "rebuild it with tools/build_data.py")
   try:
     source = builder.as_data_source(split=split)
   except Exception as e:  # noqa: BLE001

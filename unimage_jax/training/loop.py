@@ -71,10 +71,6 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   workdir = config.train.workdir
   # before anything is written: a run its checkpoints cannot continue is refused here
   checkpointing.check_resume(config, os.path.join(workdir, "checkpoints"))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   mdef = functional.model_def(config.model)
   abstract_params, _ = functional.abstract_params(config.model)
@@ -82,8 +78,12 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   abstract = state_lib.abstract_state(config, optimizer)
   shardings = state_lib.state_shardings(config, abstract, mesh)
   data = data_source.make_data_iterator(config, mesh)  # builds the default data on first use
-  if jax.process_index() == 0 and config.data.dataset != "synthetic":
-    shutil.copyfile(config.data.tokenizer_path, os.path.join(workdir, "tokenizer.model"))  # self-contained run
+  os.makedirs(workdir, exist_ok=True)  # written only once the data and tokenizer are known to be good
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    if config.data.dataset != "synthetic":
+      shutil.copyfile(config.data.tokenizer_path, os.path.join(workdir, "tokenizer.model"))  # self-contained run
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config)
   ckpt.install_sigterm_handler()
