@@ -21,6 +21,8 @@ from data_pipelines import builders
 from data_pipelines.packing import PackIterDataset, RowEncoder
 from data_pipelines.sequence_plan import PlanConfig, Planner, Sample, SampleTooLargeError
 from unimage_jax import script_schema
+from unimage_jax.config_validation import ConfigError
+from unimage_jax.errors import UserError
 from unimage_jax.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -72,9 +74,25 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   return process_index, process_count
 
 
+class MissingTokenizerError(UserError, FileNotFoundError):
+  """``config.data.tokenizer_path`` names no file (and is not the default one built on first use)."""
+
+
 def check_tokenizer(config) -> Tokenizer:
   """Loads the tokenizer named by config.data.tokenizer_path and checks it fits the model's vocab."""
-  return Tokenizer(config.data.tokenizer_path, max_vocab_size=config.model.vocab_size)
+  path = config.data.tokenizer_path
+  if not os.path.exists(path):
+    raise MissingTokenizerError(f"tokenizer model not found: config.data.tokenizer_path={path!r}; train one with "
+                                "tools/train_tokenizer.py")
+  try:
+    return Tokenizer(path, max_vocab_size=config.model.vocab_size)
+  except ValueError as e:  # too many pieces for the model, missing control symbols
+    raise ConfigError(str(e)) from None
+
+
+def default_tokenizer_path(config) -> str:
+  """Where ``ensure_dataset`` builds the StoryWorld tokenizer: ``<data_dir>/../tokenizer/spm.model``."""
+  return os.path.join(os.path.dirname(os.path.normpath(config.data.data_dir)), "tokenizer", "spm.model")
 
 
 def make_sample_dataset(config, *, process_index: int = 0, process_count: int = 1, split: str = "train",
@@ -200,6 +218,15 @@ def ensure_dataset(config, verbose: bool = True) -> None:
   Multi-host: call it on one process (or per host with a local data_dir) before the others read.
   """
   d = config.data
+  default = default_tokenizer_path(config)
+  if not os.path.exists(d.tokenizer_path) and (
+      d.dataset != "storyworld" or os.path.abspath(d.tokenizer_path) != os.path.abspath(default)):
+    # only the default StoryWorld tokenizer is built on first use: a mistyped path is an error,
+    # not a reason to train a new tokenizer (and create its folders) somewhere unexpected
+    raise MissingTokenizerError(
+        f"tokenizer model not found: config.data.tokenizer_path={d.tokenizer_path!r}; train one with "
+        f"tools/train_tokenizer.py --output={d.tokenizer_path}" +
+        (f", or leave the default ({default}), which is built on first use" if d.dataset == "storyworld" else ""))
   try:
     builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config, default_build_name(config))
   except builders.DatasetNotBuiltError:

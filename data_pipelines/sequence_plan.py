@@ -37,6 +37,7 @@ from PIL import Image
 
 from unimage_jax import layout
 from unimage_jax.config_validation import ConfigError
+from unimage_jax.errors import UserError
 from unimage_jax.layout import BufferSizes, ImageSegment, TextSegment, VitSegment
 from unimage_jax.pixel_codec import image_to_tokens
 from unimage_jax.script_schema import Script, frame_line, header_lines, video_line
@@ -45,7 +46,7 @@ from unimage_jax.tokenizer import Tokenizer
 TASKS = ("interleaved", "script", "keyframe")
 
 
-class SampleTooLargeError(ValueError):
+class SampleTooLargeError(UserError, ValueError):
   """Even the smallest plan of a story does not fit one row."""
 
 

@@ -28,6 +28,18 @@ def test_shipped_configs_are_valid(path):
     ({"optim.frozen_groups": ["vision"]}, "unknown groups ['vision']"),
     ({"train.grad_accum_steps": 3}, "must be divisible by config.train.grad_accum_steps=3"),
     ({"model.vocab_size": 0}, "config.model.vocab_size=0 must be positive"),
+    ({"train.keep_checkpoints": 0}, "config.train.keep_checkpoints=0 must be >= 1"),
+    ({"train.log_every": 0}, "config.train.log_every=0 must be >= 1"),
+    ({"train.checkpoint_every": -1}, "config.train.checkpoint_every=-1 must be >= 0"),
+    ({"inference.temperature": -1.0}, "config.inference.temperature=-1.0 must be >= 0 (0 = greedy)"),
+    ({"inference.top_p": 0.0}, "config.inference.top_p=0.0 must be in (0, 1]"),
+    ({"inference.top_k": -2}, "config.inference.top_k=-2 must be >= 0"),
+    ({"inference.cache_capacity": 40}, "config.inference.cache_capacity=40 cannot hold one 32px keyframe"),
+    ({"inference.num_steps": 1}, "config.inference.num_steps=1 must be >= 2"),
+    ({"inference.max_attempts": 0}, "config.inference.max_attempts=0 must be >= 1"),
+    ({"inference.cfg_interval": (0.8, 0.2)}, "config.inference.cfg_interval=(0.8, 0.2) must be two numbers"),
+    ({"inference.cfg_renorm_type": "norm"}, "config.inference.cfg_renorm_type='norm' must be one of"),
+    ({"inference.mode": "both"}, "config.inference.mode='both' must be one of"),
 ])
 def test_bad_values_are_named(overrides, message):
   with pytest.raises(ConfigError) as e:
@@ -39,3 +51,12 @@ def test_all_problems_reported_at_once():
   with pytest.raises(ConfigError) as e:
     validate_config(load_config("configs/tiny.py", {"model.num_kv_heads": 3, "optim.learning_rate": 0.0}))
   assert "num_kv_heads" in str(e.value) and "learning_rate" in str(e.value)
+
+
+def test_errors_print_on_one_line():
+  from unimage_jax.errors import one_line
+  with pytest.raises(ConfigError) as e:
+    validate_config(load_config("configs/tiny.py", {"train.log_every": 0, "inference.top_p": 2.0}))
+  line = one_line(e.value)
+  assert "\n" not in line and line.startswith("invalid config: config.train.log_every=0")
+  assert "; config.inference.top_p=2.0 must be in (0, 1]" in line

@@ -13,6 +13,7 @@ from PIL import Image
 from data_pipelines import builders
 from data_pipelines.builders.storyworld import story_for
 from data_pipelines.builders.user_import import BadRecordError
+from tool_runs import assert_user_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,7 +128,7 @@ def test_cli_reports_counts(user_dir):
          f"--jsonl={path}", f"--image_dir={user_dir / 'images'}", f"--data_dir={user_dir / 'out'}",
          "--image_size=32"]
   fail = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-  assert fail.returncode == 1 and f"{path}:2: field 'shots[2].keyframe'" in fail.stderr
+  assert_user_error(fail, "build_data.py", f"{path}:2: field 'shots[2].keyframe'", "--skip_bad_records")
   ok = subprocess.run(cmd + ["--skip_bad_records"], capture_output=True, text=True, cwd=REPO)
   assert ok.returncode == 0, ok.stderr
   assert f"imported 1, skipped {len(_bad_lines())} bad records" in ok.stdout

@@ -88,6 +88,25 @@ def test_bad_prompts_are_refused(director):
     director.direct("A walk", shots=0)
 
 
+def test_prompt_and_cache_capacity_are_checked_before_generating(director):
+  with pytest.raises(DirectorError, match=r"the prompt is \d+ tokens, too long for .*cache_capacity=1024"):
+    director.direct("word " * 10000)
+  director.inf.cache_capacity = 40
+  try:
+    with pytest.raises(DirectorError, match="config.inference.cache_capacity=40 cannot hold one 32px keyframe"):
+      director.direct("A walk")
+    with pytest.raises(DirectorError, match=r"--set=cache_capacity=40"):
+      director.check_settings(prefix="--set=")
+  finally:
+    director.inf.cache_capacity = 1024
+  temperature, director.inf.temperature = director.inf.temperature, -1.0
+  try:
+    with pytest.raises(DirectorError, match=r"temperature=-1.0 must be >= 0"):
+      director.direct("A walk")
+  finally:
+    director.inf.temperature = temperature
+
+
 def test_cli_names_a_missing_checkpoint(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   out = subprocess.run([sys.executable, "tools/direct.py", f"--checkpoint={tmp_path}/nope", "--prompt=hi"],

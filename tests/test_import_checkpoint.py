@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tool_runs import assert_user_error  # noqa: E402
 from unimage_jax import layout  # noqa: E402
 from unimage_jax.interchange import export, importers, orbax_io, safetensors_io  # noqa: E402
 from unimage_jax.interchange.keymap import KeyMismatchError  # noqa: E402
@@ -115,13 +116,21 @@ def test_cli_orbax_export_import_round_trip(tiny_config, tmp_path):
   params, tables = functional.init_params(cfg.model, 4)
   params = jax.tree.map(lambda x: np.asarray(x) + np.float32(0.01), params)
   src, out, back = (str(tmp_path / n) for n in ("src", "export", "back"))
-  orbax_io.save_params(src, 3, params, tables, cfg)
+  orbax_io.save_params(os.path.join(src, "checkpoints"), 3, params, tables, cfg)  # --checkpoint=<workdir>
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   run = lambda *a: subprocess.run([sys.executable, *a], cwd=REPO, env=env, check=True, capture_output=True, text=True)
   run("tools/export_torch.py", f"--checkpoint={src}", f"--output={out}", "--dtype=float32", "--max_shard_gb=0.0002")
   run("tools/import_checkpoint.py", "--format=bagel", f"--source={out}", f"--output={back}", "--step=3")
   p2, t2, cfg2 = orbax_io.restore_params(back)
   assert cfg2.model.to_dict() == cfg.model.to_dict()
+  # a non-empty --output (here: that import) is refused unless --overwrite replaces it
+  again = subprocess.run([sys.executable, "tools/import_checkpoint.py", "--format=bagel", f"--source={out}",
+                          f"--output={back}", "--step=5"], cwd=REPO, env=env, capture_output=True, text=True)
+  assert_user_error(again, "import_checkpoint.py", f"--output {back} is not empty (it holds a training run)",
+                    "--overwrite")
+  assert orbax_io.finished_steps(back) == [3]
+  run("tools/import_checkpoint.py", "--format=bagel", f"--source={out}", f"--output={back}", "--step=5", "--overwrite")
+  assert orbax_io.finished_steps(back) == [5]
   assert jax.tree.structure(p2) == jax.tree.structure(params)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, p2)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tables, t2)
@@ -131,7 +140,8 @@ def test_cli_orbax_export_import_round_trip(tiny_config, tmp_path):
   os.remove(os.path.join(out, first))
   bad = subprocess.run([sys.executable, "tools/import_checkpoint.py", "--format=bagel", f"--source={out}",
                         f"--output={tmp_path / 'bad'}"], cwd=REPO, env=env, capture_output=True, text=True)
-  assert bad.returncode == 2 and "missing" in bad.stderr
+  assert_user_error(bad, "import_checkpoint.py", "missing")
+  assert not os.path.exists(tmp_path / "bad")  # a failed import leaves nothing behind
 
 
 def test_bagel_release_layout_without_our_config(tiny_config, tmp_path):

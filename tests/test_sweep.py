@@ -6,7 +6,10 @@ import pathlib
 import subprocess
 import sys
 
+from tool_runs import assert_user_error, run_tool
 from unimage_jax import sweeps
+
+MICRO = "tests/micro_config.py"
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -34,3 +37,16 @@ def test_two_learning_rate_sweep_writes_table(tmp_path):
   assert [float(r["optim.learning_rate"]) for r in rows] == [1e-3, 3e-3]
   assert all(r["status"] == "ok" and int(r["step"]) == 2 and float(r["loss"]) > 0 for r in rows)
   assert "| trial | optim.learning_rate |" in (tmp_path / "results.md").read_text()
+
+
+def test_every_trial_is_checked_before_any_starts(tmp_path):
+  """One impossible override fails the sweep at once, naming the trial; no trial runs."""
+  sweep = tmp_path / "bad.py"
+  sweep.write_text("def get_sweep():\n  return [{'optim.learning_rate': 1e-3}, {'optim.learning_rate': -1.0},"
+                   " {'train.stepz': 3}]\n")
+  out = run_tool("sweep.py", f"--config={MICRO}", f"--sweep={sweep}", f"--workdir={tmp_path}/sweep",
+                 "--override=train.steps=2")
+  assert_user_error(out, "sweep.py", "2 of 3 trials are invalid; no trial was started",
+                    "trial001_learning_rate=-1.0: invalid config: config.optim.learning_rate=-1.0 must be positive",
+                    "trial002_stepz=3: bad override", '"steps"')
+  assert not (tmp_path / "sweep").exists()

@@ -1,5 +1,6 @@
 """Exact resume after SIGKILL, corrupt-checkpoint fallback, restore onto other meshes, mesh refusal."""
 
+import logging
 import os
 import pathlib
 import random
@@ -35,25 +36,33 @@ def _env():
   return env
 
 
-def test_sigkill_resume_reproduces_losses_bitwise(tmp_path):
-  ref, killed = tmp_path / "ref", tmp_path / "killed"
-  subprocess.run(_train_cmd(ref), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
-  kill_at = random.Random().randint(3, 6)
-  proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+def _signal_after(cmd, metrics, lines, sig):
+  """Runs ``cmd`` and sends ``sig`` once ``metrics`` has ``lines`` lines; returns the exit code."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
-  metrics = killed / "metrics.jsonl"
   while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
-      proc.send_signal(signal.SIGKILL)
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+      proc.send_signal(sig)
       break
     time.sleep(0.05)
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  subprocess.run(_train_cmd(killed), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
+  return proc.wait(timeout=120)
+
+
+def test_sigkill_and_sigterm_resume_reproduce_losses_bitwise(tmp_path):
+  ref, killed = tmp_path / "ref", tmp_path / "killed"
+  subprocess.run(_train_cmd(ref, steps=12), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
+  kill_at = random.Random().randint(3, 5)
+  code = _signal_after(_train_cmd(killed, steps=12), killed / "metrics.jsonl", kill_at, signal.SIGKILL)
+  assert code == -signal.SIGKILL, "the run finished before it could be killed"
+  # the resumed run gets SIGTERM at its first new step: it saves at the next step boundary and exits cleanly
+  code = _signal_after(_train_cmd(killed, steps=12), killed / "metrics.jsonl", kill_at + 1, signal.SIGTERM)
+  stopped = read_metrics(str(killed))[-1]["step"]
+  assert code == 0 and stopped < 12, "the run finished before SIGTERM arrived"
+  assert stopped in checkpointing.orbax_io.finished_steps(str(killed / "checkpoints"))
+  subprocess.run(_train_cmd(killed, steps=12), cwd=REPO, env=_env(), check=True, capture_output=True, timeout=600)
   a = {m["step"]: (m["loss"], m["ce"], m["mse"]) for m in read_metrics(str(ref))}
   b = {m["step"]: (m["loss"], m["ce"], m["mse"]) for m in read_metrics(str(killed))}
-  assert sorted(a) == sorted(b) == list(range(1, 9))
+  assert sorted(a) == sorted(b) == list(range(1, 13))
   assert a == b  # bitwise: same floats, same data order
 
 
@@ -62,24 +71,37 @@ def _train_in_process(config, workdir, devices, steps):
   return loop.train(config, devices=devices)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tiny_config, tmp_path, caplog):
-  _train_in_process(tiny_config, tmp_path, jax.devices()[:1], steps=4)
+def test_corrupt_latest_checkpoint_is_moved_aside_recomputed_and_saved_again(tiny_config, tmp_path, caplog):
+  first = _train_in_process(tiny_config, tmp_path, jax.devices()[:1], steps=4)
   ckpt_dir = tmp_path / "checkpoints"
   assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [2, 4]
-  # truncate every data file of the latest step's params
+  # truncate every array chunk of the latest step's params (its metadata stays readable)
   for f in (ckpt_dir / "4" / "params").rglob("*"):
-    if f.is_file():
+    if f.is_file() and f.parent.name == "d":
       f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
   mesh = sharding.make_mesh(tiny_config.mesh, jax.devices()[:1])
   tx = opt_lib.make_optimizer(tiny_config, functional.abstract_params(tiny_config.model)[0])
   abstract = state_lib.abstract_state(tiny_config, tx)
   ckpt = checkpointing.Checkpointer(str(ckpt_dir), tiny_config)
-  restored = ckpt.restore_latest(abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
+  with caplog.at_level(logging.WARNING):
+    restored = ckpt.restore_latest(abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
   ckpt.close()
   assert restored.step == 2
-  # resuming the run recomputes steps 3-4 from the good checkpoint
-  last = _train_in_process(tiny_config, tmp_path, jax.devices()[:1], steps=4)
-  assert last["step"] == 4
+  assert f"checkpoint {ckpt_dir}/4 is unusable" in caplog.text
+  assert (ckpt_dir / "4.corrupt").is_dir() and not (ckpt_dir / "4").exists()  # moved aside, not deleted
+  assert f"moved the unreadable checkpoint {ckpt_dir}/4 to {ckpt_dir}/4.corrupt" in caplog.text
+  # resuming the run recomputes steps 3-4 from the good checkpoint and saves step 4 again
+  last = _train_in_process(tiny_config, tmp_path, jax.devices()[:1], steps=6)
+  assert last["step"] == 6
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [2, 4, 6]
+  step4 = {m["step"]: m["loss"] for m in read_metrics(str(tmp_path))}[4]
+  assert step4 == first["loss"]  # the recomputed step is the same step
+  caplog.clear()
+  ckpt = checkpointing.Checkpointer(str(ckpt_dir), tiny_config)
+  with caplog.at_level(logging.WARNING):
+    again = ckpt._restore(4, abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
+  ckpt.close()
+  assert again.step == 4 and "unusable" not in caplog.text
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 host devices")

@@ -23,13 +23,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from unimage_jax import aot
-  from unimage_jax.config_validation import ConfigError
   config = _CONFIG.value
   try:
-    plan = aot.compile_train_step(config, _TOPOLOGY.value)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    plan = aot.compile_train_step(config, _TOPOLOGY.value)  # a ConfigError exits 2 (unimage_jax.cli)
   except aot.DoesNotFitError as e:
     print(f"error: does not fit: {e}", file=sys.stderr)
     sys.exit(1)
@@ -46,4 +42,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from unimage_jax import cli
+  cli.run(main)  # the project's own errors as one line, exit code 2

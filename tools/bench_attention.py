@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 _MODE = flags.DEFINE_enum("mode", "skip", ["skip", "gpu"], "what to run")
 _LENGTHS = flags.DEFINE_list("lengths", None, "sequence lengths (default per mode)")
@@ -238,4 +238,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from unimage_jax import cli
+  cli.run(main)  # the project's own errors as one line, exit code 2

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_export", "Scratch directory (several GB).")
 _LAYERS = flags.DEFINE_integer("num_layers", 4, "MoT layers of the mot_1b-shaped model.")
@@ -135,4 +135,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from unimage_jax import cli
+  cli.run(main)  # the project's own errors as one line, exit code 2

@@ -11,10 +11,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from data_pipelines import builders  # noqa: E402
 from data_pipelines.builders.user_import import BadRecordError  # noqa: E402
+from unimage_jax import cli  # noqa: E402
+from unimage_jax.errors import UserError  # noqa: E402
 
 _DATASET = flags.DEFINE_enum("dataset", "storyworld", ["storyworld", "storyboards"], "What to build.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "artifacts/data", "TFDS data directory.")
@@ -38,13 +40,12 @@ def main(argv):
     print(f"storyworld: {counts} stories in {b.data_dir} ({time.time() - t0:.1f}s)")
     return
   if not _JSONL.value or not _IMAGE_DIR.value:
-    raise app.UsageError("--dataset=storyboards needs --jsonl and --image_dir")
-  try:
+    raise UserError("--dataset=storyboards needs --jsonl and --image_dir")
+  try:  # a failed import leaves the previous build of this --config_name as it was
     b = builders.build_storyboards(_DATA_DIR.value, _JSONL.value, _IMAGE_DIR.value, _IMAGE_SIZE.value,
                                    _SKIP.value, _CONFIG_NAME.value)
   except BadRecordError as e:
-    print(f"error: {e}\n(pass --skip_bad_records to skip and count bad records)", file=sys.stderr)
-    sys.exit(1)
+    raise UserError(f"{e} (pass --skip_bad_records to skip and count bad records)") from None
   r = b.report
   print(f"storyboards: imported {r.imported}, skipped {r.num_skipped} bad records "
         f"{dict(sorted(r.skipped.items()))} into {b.data_dir} ({time.time() - t0:.1f}s)")
@@ -53,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -32,15 +32,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import numpy as np
   from data_pipelines.sequence_plan import PlanConfig, Planner
-  from unimage_jax.evaluation.heldout import EvalError, validation_records
-  from unimage_jax.director import Director, DirectorError
+  from unimage_jax.evaluation.heldout import validation_records
+  from unimage_jax.director import Director
   from unimage_jax.evaluation.flow_probe import FlowProbe, table
-  try:
-    director = Director.from_checkpoint(_CHECKPOINT.value, step=_STEP.value)
-    records = validation_records(director.config, _NUM.value)
-  except (DirectorError, EvalError) as e:
-    print(f"diagnose_flow.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  director = Director.from_checkpoint(_CHECKPOINT.value, step=_STEP.value)
+  records = validation_records(director.config, _NUM.value)
   config = director.config
   task = _TASK.value
   if task == "auto":
@@ -54,4 +50,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from unimage_jax import cli
+  cli.run(main)

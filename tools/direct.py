@@ -12,9 +12,10 @@ script the director wrote.
 
 import json
 import os
-import sys
 
 from absl import app, flags
+
+from unimage_jax import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (or its checkpoints/ dir).", required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "The user's prompt (one line).")
@@ -31,15 +32,19 @@ _SET = flags.DEFINE_multi_string("set", [], "Override an inference setting, e.g.
 
 
 def _apply_overrides(inference, overrides):
+  from unimage_jax.director import DirectorError
   for item in overrides:
     if "=" not in item:
-      raise app.UsageError(f"--set={item!r} must be key=value")
+      raise DirectorError(f"--set={item!r} must be key=value")
     key, value = item.split("=", 1)
     if key not in inference:
-      raise app.UsageError(f"--set: unknown inference setting {key!r}; known: {sorted(inference.keys())}")
+      raise DirectorError(f"--set: unknown inference setting {key!r}; known: {sorted(inference.keys())}")
     old = inference[key]
-    inference[key] = type(old)(float(value)) if isinstance(old, (int, float)) and not isinstance(old, bool) else (
-        tuple(float(x) for x in value.split(",")) if isinstance(old, (tuple, list)) else value)
+    try:
+      inference[key] = type(old)(float(value)) if isinstance(old, (int, float)) and not isinstance(old, bool) else (
+          tuple(float(x) for x in value.split(",")) if isinstance(old, (tuple, list)) else value)
+    except ValueError:
+      raise DirectorError(f"--set={item}: {value!r} is not a {type(old).__name__}") from None
 
 
 def _score_and_sheet(sb, story_id: str, out_dir: str) -> dict[str, str]:
@@ -67,31 +72,30 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if (_PROMPT.value is None) == (_HELDOUT.value is None):
     raise app.UsageError("pass exactly one of --prompt and --heldout_story")
-  from unimage_jax.director import Director, DirectorError
+  if _HELDOUT.value is not None and _HELDOUT.value < 0:
+    raise app.UsageError(f"--heldout_story={_HELDOUT.value} must be >= 0")
+  from unimage_jax.director import Director
   from unimage_jax import storyboard_io
-  from unimage_jax.evaluation.heldout import EvalError, validation_records
-  try:
-    director = Director.from_checkpoint(_CHECKPOINT.value, step=_STEP.value, use_ema=not _NO_EMA.value)
-    _apply_overrides(director.inf, _SET.value)
-    context = storyboard_io.load_storyboard(_CONTINUE.value) if _CONTINUE.value else None
-    prompt, story_id = _PROMPT.value, "prompt"
-    if _HELDOUT.value is not None:
-      if _HELDOUT.value < 0:
-        raise app.UsageError(f"--heldout_story={_HELDOUT.value} must be >= 0")
-      record = validation_records(director.config, _HELDOUT.value + 1)[_HELDOUT.value]
-      prompt, story_id = record["script"].prompt, record["story_id"]
-      print(f"held-out story {story_id}: {prompt}")
-    sb = director.direct(prompt, shots=_SHOTS.value, seed=_SEED.value, mode=_MODE.value,
-                         continue_from=context)
-  except (DirectorError, EvalError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from unimage_jax.evaluation.heldout import validation_records
+  # everything the flags decide, before the checkpoint is read or anything is compiled
+  storyboard_io.check_output_dir(_OUTPUT.value)
+  context = storyboard_io.load_storyboard(_CONTINUE.value) if _CONTINUE.value else None
+  director = Director.from_checkpoint(_CHECKPOINT.value, step=_STEP.value, use_ema=not _NO_EMA.value)
+  _apply_overrides(director.inf, _SET.value)
+  director.check_settings(prefix="--set=")
+  prompt, story_id = _PROMPT.value, "prompt"
+  if _HELDOUT.value is not None:
+    record = validation_records(director.config, _HELDOUT.value + 1)[_HELDOUT.value]
+    prompt, story_id = record["script"].prompt, record["story_id"]
+    print(f"held-out story {story_id}: {prompt}")
+  sb = director.direct(prompt, shots=_SHOTS.value, seed=_SEED.value, mode=_MODE.value,
+                       continue_from=context)
   paths = storyboard_io.save_storyboard(sb, _OUTPUT.value)
   paths.update(_score_and_sheet(sb, story_id, _OUTPUT.value))
-  print(f"{len(sb.script.shots)} shots ({sb.mode}); repairs: {sb.repairs or 'none'}")
+  print(f"{len(sb.script.shots)} shots ({sb.mode}, checkpoint step {director.step}); repairs: {sb.repairs or 'none'}")
   for name, path in paths.items():
     print(f"  {name}: {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config naming the StoryWorld data.")
 _CHECKPOINT = flags.DEFINE_multi_string("checkpoint", [], "A training workdir to evaluate (repeatable).")
 _LABEL = flags.DEFINE_multi_string("label", [], "Row label per --checkpoint (default: the workdir name).")
@@ -44,11 +45,11 @@ from unimage_jax.evaluation.heldout import EvalError, check_prompts, validation_
 # ------------------------------------------------------------------------------ inputs
 def check_checkpoint(workdir: str) -> None:
   """Fails clearly unless ``workdir`` holds at least one Orbax step directory."""
+  from unimage_jax.interchange import orbax_io
   if not os.path.isdir(workdir):
     raise EvalError(f"checkpoint directory {workdir!r} does not exist")
-  for d in (os.path.join(workdir, "checkpoints"), workdir):
-    if os.path.isdir(d) and any(re.fullmatch(r"\d+", n) and os.path.isdir(os.path.join(d, n)) for n in os.listdir(d)):
-      return
+  if orbax_io.finished_steps(orbax_io.checkpoint_dir(workdir)):
+    return
   raise EvalError(f"{workdir!r} holds no checkpoints (expected step directories under "
                   f"{os.path.join(workdir, 'checkpoints')}, as tools/train.py writes them)")
 
@@ -180,4 +181,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from unimage_jax import cli
+  cli.run(main)  # the project's own errors (a DirectorError while directing, ...) as one line, exit 2

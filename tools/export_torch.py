@@ -2,20 +2,23 @@
 
   python tools/export_torch.py --checkpoint=runs/tiny --output=exports/tiny --dtype=bfloat16
 
-Reads ``<checkpoint>/config.json`` and the ``params``/``tables`` items of ``--step`` (latest by
-default) one array at a time, so host memory stays near the largest array. Serve the result with
-``unimage_jax.torch_serving.load_exported(output)``.
+Reads the ``params``/``tables`` items of ``--step`` (default: the newest step that reads; an
+unreadable one is reported and the previous is used) one array at a time, so host memory stays
+near the largest array. ``--checkpoint`` is a training workdir or its checkpoints folder; the
+output is written to a temporary folder and renamed into place only when complete (a failed
+export leaves the previous one). Serve the result with ``unimage_jax.torch_serving.load_exported(output)``.
 """
 
 import time
 
-from absl import app, flags
+from absl import flags
 
+from unimage_jax import cli
 from unimage_jax.interchange import export
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax CheckpointManager directory (the trainer's workdir).", required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or its checkpoints/ folder.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the safetensors shards and JSON configs.", required=True)
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; latest when unset.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", sorted(export.DTYPES), "Dtype of the exported floating tensors.")
 _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest shard size in GiB.")
 
@@ -23,10 +26,10 @@ _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Largest shard size in GiB."
 def main(argv):
   del argv
   start = time.time()
-  shards = export.export_checkpoint(_CHECKPOINT.value, _OUTPUT.value, step=_STEP.value, dtype=_DTYPE.value,
-                                    max_shard_bytes=int(_SHARD_GB.value * (1 << 30)))
-  print(f"wrote {len(shards)} shard(s) to {_OUTPUT.value} in {time.time() - start:.1f}s")
+  step, shards = export.export_checkpoint_step(_CHECKPOINT.value, _OUTPUT.value, step=_STEP.value, dtype=_DTYPE.value,
+                                               max_shard_bytes=int(_SHARD_GB.value * (1 << 30)))
+  print(f"wrote {len(shards)} shard(s) of step {step} to {_OUTPUT.value} in {time.time() - start:.1f}s")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,17 +8,19 @@
   # a FLUX / diffusers AutoencoderKL VAE -> <output>/vae (Flax NNX state, Orbax StandardSave)
   python tools/import_checkpoint.py --format=vae --source=/ckpt/FLUX.1-dev/vae --output=runs/vae
 
-Key or shape problems print one list (missing / unexpected / wrong shape) and exit non-zero.
+Key or shape problems print one list (missing / unexpected / wrong shape) and exit with 2. The
+output is written to a temporary folder and renamed into place when complete; a non-empty
+--output is refused unless --overwrite is given (then it is replaced, only once the import succeeded).
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from unimage_jax import atomic_io, cli
+from unimage_jax.errors import UserError
 from unimage_jax.interchange import orbax_io
-from unimage_jax.interchange.keymap import KeyMismatchError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (required for qwen2/siglip).")
 _FORMAT = flags.DEFINE_enum("format", "bagel", ["bagel", "qwen2", "siglip", "vae"], "Source format.")
@@ -29,6 +31,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output Orbax CheckpointManager di
 _STEP = flags.DEFINE_integer("step", 0, "Step number to write.")
 _SEED = flags.DEFINE_integer("seed", 0, "Init seed for parameters the source lacks.")
 _ALLOW_UNEXPECTED = flags.DEFINE_bool("allow_unexpected", False, "Ignore source tensors the model does not use.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output (e.g. an earlier import).")
 
 
 def _config_for_bagel():
@@ -42,7 +45,7 @@ def _config_for_bagel():
   return config
 
 
-def _import():
+def _import(output: str):
   from unimage_jax.interchange import importers
   from unimage_jax.model import functional
 
@@ -51,12 +54,10 @@ def _import():
     config = _config_for_bagel()
     params, tables, _ = importers.import_bagel(_SOURCE.value, config.model, **kw)
   else:
-    if _CONFIG.value is None:
-      raise app.UsageError(f"--format={_FORMAT.value} needs --config (the model to import into)")
     config = _CONFIG.value
     if _BASE.value:
-      params, tables, _ = orbax_io.restore_params(_BASE.value, config=config)
-      base = (params, tables)
+      loaded = orbax_io.load_checkpoint(_BASE.value, config=config)  # the readers' fallback
+      base = (loaded.params, loaded.tables)
     else:
       base = functional.init_params(config.model, _SEED.value)
     if _FORMAT.value == "qwen2":
@@ -65,31 +66,46 @@ def _import():
       params, tables = importers.import_siglip(_SOURCE.value, config.model, base, **kw)
   if _SIGLIP.value:
     params, tables = importers.import_siglip(_SIGLIP.value, config.model, (params, tables), **kw)
-  orbax_io.save_params(_OUTPUT.value, _STEP.value, params, tables, config)
+  orbax_io.save_params(output, _STEP.value, params, tables, config)
 
 
-def _import_vae():
+def _import_vae(output: str):
   import orbax.checkpoint as ocp
   from flax import nnx
 
   from unimage_jax.vae import flux_vae
 
   vae = flux_vae.import_vae(_SOURCE.value)
-  path = os.path.abspath(os.path.join(_OUTPUT.value, "vae"))
+  path = os.path.abspath(os.path.join(output, "vae"))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, nnx.to_pure_dict(nnx.state(vae, nnx.Param)), force=True)
-  flux_vae.save_config(vae.config, os.path.join(_OUTPUT.value, "vae_config.json"))
+  flux_vae.save_config(vae.config, os.path.join(output, "vae_config.json"))
+
+
+def check_flags() -> None:
+  """Everything the flags decide, before any weight is read."""
+  if not os.path.exists(_SOURCE.value):
+    raise UserError(f"--source {_SOURCE.value} does not exist")
+  if _FORMAT.value in ("qwen2", "siglip") and _CONFIG.value is None:
+    raise UserError(f"--format={_FORMAT.value} needs --config (the model to import into)")
+  out = _OUTPUT.value
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise atomic_io.OutputExistsError(f"--output {out} is a file, not a folder")
+  if os.path.isdir(out) and os.listdir(out) and not _OVERWRITE.value:
+    what = "a training run" if orbax_io.finished_steps(orbax_io.checkpoint_dir(out)) else "files"
+    raise atomic_io.OutputExistsError(f"--output {out} is not empty (it holds {what}); choose an empty folder, "
+                                      "or pass --overwrite to replace it")
+  if _BASE.value and os.path.abspath(_BASE.value) == os.path.abspath(out):
+    raise UserError("--base_checkpoint and --output are the same folder; write the import elsewhere")
 
 
 def main(argv):
   del argv
-  try:
-    _import_vae() if _FORMAT.value == "vae" else _import()
-  except KeyMismatchError as e:
-    print(e, file=sys.stderr)
-    sys.exit(2)
+  check_flags()
+  with atomic_io.atomic_dir(_OUTPUT.value) as tmp:  # replaces --output only once the import succeeded
+    _import_vae(tmp) if _FORMAT.value == "vae" else _import(tmp)
   print(f"wrote {_OUTPUT.value} (step {_STEP.value})")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,7 +3,6 @@
   python tools/param_count.py --config=configs/bagel_7b.py
 """
 
-from absl import app
 from ml_collections import config_flags
 
 from unimage_jax import param_count
@@ -17,4 +16,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from unimage_jax import cli
+  cli.run(main)  # the project's own errors as one line, exit code 2

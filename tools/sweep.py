@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from unimage_jax import sweeps
+from unimage_jax import cli, sweeps
 from unimage_jax.training.metrics import read_metrics
 
 _CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Base config file.")
@@ -22,10 +22,19 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at once (one process
 METRICS = ("loss", "ce", "mse", "tokens_per_s")
 
 
+def _last_error(log_path: str) -> str:
+  """The line of a failed trial's log that says why (``train.py: error: ...`` or a traceback's last line)."""
+  with open(log_path, errors="replace") as f:
+    lines = [line.strip() for line in f if line.strip()]
+  errors = [line for line in lines if ": error: " in line]
+  return (errors or lines or ["(empty log)"])[-1]
+
+
 def main(argv):
   del argv
   trials = sweeps.load_trials(_SWEEP.value)
   base = [f"--config.{o}" for o in _OVERRIDES.value]
+  sweeps.check_trials(_CONFIG.value, base, trials)  # every trial's overrides, before any trial starts
   os.makedirs(_WORKDIR.value, exist_ok=True)
   pending, rows = list(enumerate(trials)), []
   running = []
@@ -43,6 +52,9 @@ def main(argv):
     code = proc.wait()
     log.close()
     row = {"trial": name, **{k: v for k, v in overrides.items()}, "status": "ok" if code == 0 else f"exit {code}"}
+    if code != 0:  # the reason, not only "see its log"
+      print(f"[sweep] {name} failed (exit {code}): {_last_error(os.path.join(_WORKDIR.value, f'{name}.log'))}",
+            flush=True)
     if code == 0:
       last = read_metrics(workdir)[-1]
       row.update(step=last["step"], **{m: last.get(m, "") for m in METRICS})
@@ -57,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

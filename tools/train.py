@@ -8,6 +8,8 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from unimage_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Overrides config.train.workdir.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port.")
@@ -43,8 +45,10 @@ def main(argv):
   if _WORKDIR.value:
     config.train.workdir = _WORKDIR.value
   last = train(config)
+  if last.pop("already_done", False):
+    print(f"nothing to train: {config.train.workdir} is already at step {last['step']} (config.train.steps)")
   print({k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()})
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

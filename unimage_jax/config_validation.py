@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from unimage_jax.errors import UserError
+
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots_saveable", "save_attention_out")
 ATTENTION_IMPLS = ("xla", "xla_flash", "pallas_tpu", "pallas_gpu", "auto")
@@ -17,7 +19,7 @@ SCHEDULES = ("cosine", "constant", "linear")
 PARAM_GROUPS = ("und_expert", "gen_expert", "embeddings", "lm_head", "latent_io", "connector", "vit")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """An invalid configuration; the message lists every offending field."""
 
 
@@ -132,10 +134,73 @@ def _optim_errors(c: ml_collections.ConfigDict) -> list[str]:
                   f"config.train.grad_accum_steps={t.grad_accum_steps}")
   if t.nonfinite not in ("skip", "stop"):
     errors.append(f"config.train.nonfinite={t.nonfinite!r} must be 'skip' or 'stop'")
+  if t.log_every < 1:
+    errors.append(f"config.train.log_every={t.log_every} must be >= 1 (metrics every N steps)")
+  if t.checkpoint_every < 0:
+    errors.append(f"config.train.checkpoint_every={t.checkpoint_every} must be >= 0 (0 = only the final save)")
+  if t.keep_checkpoints < 1:
+    errors.append(f"config.train.keep_checkpoints={t.keep_checkpoints} must be >= 1 (0 would keep no checkpoint)")
   if lo.ce_weight < 0 or lo.mse_weight < 0 or lo.ce_weight + lo.mse_weight == 0:
     errors.append(f"config.loss weights (ce_weight={lo.ce_weight}, mse_weight={lo.mse_weight}) must be "
                   "non-negative and not both zero")
   return errors
+
+
+INFERENCE_MODES = ("auto", "interleaved", "disentangled")
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+def image_tokens(c: ml_collections.ConfigDict) -> int:
+  """Cache slots one keyframe takes: its latent tokens plus the two vision markers."""
+  m = c.model
+  down = m.pixel_downsample if m.autoencoder == "pixel" else 8  # the FLUX VAE downsamples 8x
+  side = c.data.image_size // (down * m.latent_patch_size)
+  return side * side + 2
+
+
+def inference_errors(c: ml_collections.ConfigDict, prefix: str = "config.inference.") -> list[str]:
+  """The director's sampling settings (``config.inference``); ``prefix`` names them as the user set
+  them (``--set=`` for tools/direct.py)."""
+  inf = c.inference
+  errors = []
+  name = lambda k: f"{prefix}{k}={inf[k]!r}" if isinstance(inf[k], str) else f"{prefix}{k}={inf[k]}"
+  if inf.mode not in INFERENCE_MODES:
+    errors.append(f"{name('mode')} must be one of {INFERENCE_MODES}")
+  if float(inf.temperature) < 0:
+    errors.append(f"{name('temperature')} must be >= 0 (0 = greedy)")
+  if int(inf.top_k) < 0:
+    errors.append(f"{name('top_k')} must be >= 0 (0 = off)")
+  if not 0.0 < float(inf.top_p) <= 1.0:
+    errors.append(f"{name('top_p')} must be in (0, 1] (1 = off)")
+  for k in ("max_script_tokens", "max_chunk_tokens", "max_attempts"):
+    if int(inf[k]) < 1:
+      errors.append(f"{name(k)} must be >= 1")
+  if int(inf.num_steps) < 2:
+    errors.append(f"{name('num_steps')} must be >= 2 (N timesteps make N - 1 Euler steps)")
+  if float(inf.timestep_shift) <= 0:
+    errors.append(f"{name('timestep_shift')} must be positive")
+  for k in ("cfg_text_scale", "cfg_img_scale"):
+    if float(inf[k]) < 0:
+      errors.append(f"{name(k)} must be >= 0 (1 = no guidance)")
+  interval = tuple(inf.cfg_interval)
+  if len(interval) != 2 or not 0.0 <= float(interval[0]) <= float(interval[1]) <= 1.0:
+    errors.append(f"{prefix}cfg_interval={interval} must be two numbers 0 <= start <= end <= 1")
+  if inf.cfg_renorm_type not in RENORM_TYPES:
+    errors.append(f"{name('cfg_renorm_type')} must be one of {RENORM_TYPES}")
+  if not 0.0 <= float(inf.cfg_renorm_min) <= 1.0:
+    errors.append(f"{name('cfg_renorm_min')} must be in [0, 1]")
+  need = image_tokens(c) + 2 + 32  # one keyframe, a text segment's markers and a short prompt
+  if int(inf.cache_capacity) < need:
+    errors.append(f"{name('cache_capacity')} cannot hold one {c.data.image_size}px keyframe "
+                  f"({image_tokens(c)} slots) and a prompt; it must be >= {need}")
+  return errors
+
+
+def validate_inference(c: ml_collections.ConfigDict, prefix: str = "config.inference.") -> None:
+  """Checks the director's settings (after ``--set`` overrides); raises ConfigError naming each."""
+  errors = inference_errors(c, prefix)
+  if errors:
+    raise ConfigError("invalid inference settings:\n  " + "\n  ".join(errors))
 
 
 def validate_model_config(m: ml_collections.ConfigDict) -> None:
@@ -151,6 +216,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   if not errors:
     errors += _data_errors(c)
   errors += _optim_errors(c)
+  if "inference" in c and not any(e.startswith("config.data.image_size") for e in errors):
+    errors += inference_errors(c)
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -29,8 +29,11 @@ import numpy as np
 
 from data_pipelines.sequence_plan import encode_lines, resize
 from unimage_jax import layout, pixel_codec, script_schema
+from unimage_jax.config_validation import ConfigError, validate_inference
+from unimage_jax.errors import UserError
 from unimage_jax.inference import chunks, flow
 from unimage_jax.inference.engine import Engine, SamplingParams
+from unimage_jax.inference.kv_cache import CacheFullError
 from unimage_jax.inference.script_repair import UnrepairableScriptError, parse_or_repair
 from unimage_jax.interchange import orbax_io
 from unimage_jax.model import functional
@@ -40,7 +43,7 @@ from unimage_jax.tokenizer import Tokenizer
 MODES = ("auto", "interleaved", "disentangled")
 
 
-class DirectorError(ValueError):
+class DirectorError(UserError, ValueError):
   """Bad prompt, checkpoint or settings; the message names what is wrong."""
 
 
@@ -55,13 +58,6 @@ class Storyboard:
   seed: int = 0
 
 
-def _checkpoint_dir(workdir: str) -> str:
-  if not os.path.isdir(workdir):
-    raise DirectorError(f"checkpoint directory {workdir} does not exist")
-  sub = os.path.join(workdir, "checkpoints")
-  return sub if os.path.isdir(sub) else workdir
-
-
 def _find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
   for path in (os.path.join(workdir, "tokenizer.model"), config.data.tokenizer_path):
     if path and os.path.exists(path):
@@ -72,6 +68,8 @@ def _find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
 
 class Director:
   """Holds a model and its tokenizer; ``direct`` turns a prompt into a storyboard."""
+
+  step: int | None = None  # the checkpoint step, when loaded from one
 
   def __init__(self, config: ml_collections.ConfigDict, params, tables, tokenizer: Tokenizer):
     self.config = config
@@ -88,24 +86,20 @@ class Director:
 
   @classmethod
   def from_checkpoint(cls, workdir: str, *, step: int | None = None, use_ema: bool = True) -> "Director":
-    ckpt_dir = _checkpoint_dir(workdir)
+    """The newest step of ``workdir`` that reads completely (or exactly ``step``), with the config
+    it was saved with; an unreadable newest step is reported and the previous one is used."""
     try:
-      config = orbax_io.load_config_json(ckpt_dir if os.path.exists(os.path.join(ckpt_dir, "config.json")) else workdir)
-    except FileNotFoundError as e:
+      loaded = orbax_io.load_checkpoint(workdir, step, use_ema=use_ema)  # the readers' fallback
+    except UserError as e:
       raise DirectorError(str(e)) from e
+    config = loaded.config
     if "inference" not in config:
       from unimage_jax.config_base import base_config
       config.inference = base_config().inference
-    try:
-      step = orbax_io.latest_step(ckpt_dir) if step is None else step
-      params, tables, _ = orbax_io.restore_params(ckpt_dir, step, config)
-      if use_ema and orbax_io.has_item(ckpt_dir, step, "ema"):
-        ema = orbax_io.restore_item(ckpt_dir, step, "ema")
-        params = jax.tree.map(lambda e, p: np.asarray(e).astype(p.dtype), ema, params)
-    except FileNotFoundError as e:
-      raise DirectorError(f"{workdir}: {e}") from e
     tok = Tokenizer(_find_tokenizer(workdir, config), max_vocab_size=config.model.vocab_size)
-    return cls(config, params, tables, tok)
+    director = cls(config, loaded.params, loaded.tables, tok)
+    director.step = loaded.step
+    return director
 
   # ------------------------------------------------------------------ helpers
   def _mode(self, mode: str | None) -> str:
@@ -130,6 +124,19 @@ class Director:
 
   def _decode(self, tokens) -> np.ndarray:
     return pixel_codec.tokens_to_image(np.asarray(tokens), self.grid, self.grid, self.down, self.patch)
+
+  def check_settings(self, prefix: str = "config.inference.") -> None:
+    """The sampling settings (after any ``--set``), before anything is compiled or sampled."""
+    try:
+      validate_inference(self.config, prefix)
+    except ConfigError as e:
+      raise DirectorError(str(e)) from None
+
+  def _cache_room_error(self, used: int, what: str) -> DirectorError:
+    cap = int(self.inf.cache_capacity)
+    return DirectorError(f"config.inference.cache_capacity={cap} leaves no room for {what} after the first "
+                         f"{used} slots (prompt and context; a keyframe takes {self.grid * self.grid + 2}); raise it "
+                         "(tools/direct.py --set=cache_capacity=N) or shorten the prompt")
 
   def _sampling(self) -> SamplingParams:
     return SamplingParams(float(self.inf.temperature), int(self.inf.top_k), float(self.inf.top_p))
@@ -165,6 +172,8 @@ class Director:
       ctx_lines = script_schema.render(ctx).splitlines()
     cache, logits = self.engine.prefill(cache, [[self._text(ctx_lines), self._text([], close=False)]])
     budget = int(self.inf.cache_capacity) - int(np.asarray(cache.length)[0]) - 1
+    if budget < 16:
+      raise self._cache_room_error(int(np.asarray(cache.length)[0]), "the script")
     cache, text, _ = self._generate(cache, logits, rng, min(int(self.inf.max_script_tokens), budget))
     return "\n".join(ctx_lines) + "\n" + text
 
@@ -237,6 +246,8 @@ class Director:
     while True:
       budget = cap - int(np.asarray(cache.length)[0]) - self.grid * self.grid - 8
       if budget <= 8:
+        if not images and text.count("\n") <= 1:  # not even the first shot fits: say so, do not resample
+          raise self._cache_room_error(int(np.asarray(cache.length)[0]), "a shot and its keyframe")
         break
       rng, key = jax.random.split(rng)
       cache, chunk_text, stopped = self._generate(cache, logits, key, min(int(self.inf.max_chunk_tokens), budget))
@@ -262,10 +273,24 @@ class Director:
       raise DirectorError("the prompt must be one line without control tokens (<|im_start|> ...)")
     if shots is not None and shots < 1:
       raise DirectorError(f"--shots={shots} must be >= 1")
+    self.check_settings()
     prompt = prompt.strip()
     mode = self._mode(mode)
+    prompt_tokens = len(self.tok.encode(f"<Prompt>: {prompt}")) + 2
+    if prompt_tokens + self.grid * self.grid + 2 + 16 > int(self.inf.cache_capacity):
+      raise DirectorError(f"the prompt is {prompt_tokens} tokens, too long for config.inference.cache_capacity="
+                          f"{self.inf.cache_capacity} (which must also hold the script and a {self.grid * self.grid + 2}"
+                          "-slot keyframe); shorten it or raise tools/direct.py --set=cache_capacity=N")
     n_old = len(continue_from.script.shots) if continue_from is not None else 0
     max_shots = None if shots is None else n_old + shots
+    try:
+      return self._attempts(prompt, seed, mode, continue_from, n_old, max_shots)
+    except CacheFullError as e:
+      raise DirectorError(str(e)) from None
+
+  def _attempts(self, prompt: str, seed: int, mode: str, continue_from: Storyboard | None, n_old: int,
+                max_shots: int | None) -> Storyboard:
+    """Samples a script (resampling an unrepairable one with the next seed) and draws its keyframes."""
     last_error = None
     for attempt in range(int(self.inf.max_attempts)):
       rng = jax.random.key(seed + 1000 * attempt)

@@ -22,6 +22,8 @@ import dataclasses
 import re
 from typing import Any
 
+from unimage_jax.errors import UserError
+
 CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 CUE_OPEN, CUE_CLOSE = "<-", "->"
 TAG_KINDS = ("Prompt", "Character", "Environment", "Frame", "Video")
@@ -31,7 +33,7 @@ _TAG_RE = re.compile(r"<([A-Za-z]+)(\d*)>")
 _CUE_RE = re.compile(r"<-(.*?)->")
 
 
-class ScriptError(ValueError):
+class ScriptError(UserError, ValueError):
   """A script breaks the schema; ``field`` and ``shot`` (1-based, or None) say where."""
 
   def __init__(self, field: str, message: str, shot: int | None = None, line: int | None = None):

@@ -100,6 +100,21 @@ body {{ font-family: sans-serif; margin: 2em; background: #f4f4f4; }}
 """
 
 
+def check_output_dir(out_dir: str) -> None:
+  """Makes sure the storyboard can be written to ``out_dir`` *before* anything is generated."""
+  from unimage_jax.director import DirectorError
+  for name in (out_dir, os.path.join(out_dir, "keyframes")):
+    if os.path.exists(name) and not os.path.isdir(name):
+      raise DirectorError(f"--output {out_dir}: {name} is a file, not a folder")
+  existing = os.path.abspath(out_dir)  # nothing is created here: the nearest existing folder must be writable
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise DirectorError(f"--output {out_dir} cannot be created: {existing} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise DirectorError(f"--output {out_dir} cannot be written: no write permission on {existing}")
+
+
 def save_storyboard(sb, out_dir: str) -> dict[str, str]:
   """Writes every output of a Storyboard; returns their paths."""
   os.makedirs(os.path.join(out_dir, "keyframes"), exist_ok=True)

@@ -7,7 +7,7 @@ import dataclasses
 import tensorflow_datasets as tfds
 
 from data_pipelines.builders import records
-from data_pipelines.builders.user_import import ImportReport, read_storyboards
+from data_pipelines.builders.user_import import EmptyImportError, ImportReport, read_storyboards
 from data_pipelines.storyworld.renderer import encode_png
 
 
@@ -45,3 +45,5 @@ class Storyboards(records.NoCodePathMixin, tfds.core.GeneratorBasedBuilder):
         c.jsonl_path, c.image_dir, c.image_size, c.skip_bad_records, self.report):
       yield f"{line:09d}", records.make_example(story_id, script, [encode_png(im) for im in images],
                                                 c.image_size)
+    if self.report.imported == 0:  # TFDS would fail with a bare "No examples were yielded"
+      raise EmptyImportError(c.jsonl_path, self.report)

@@ -17,15 +17,29 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from unimage_jax.errors import UserError
 from unimage_jax.script_schema import Script, ScriptError, validate
 
 
-class BadRecordError(ValueError):
+class BadRecordError(UserError, ValueError):
   """One bad input record; ``kind`` groups the skip counts."""
 
   def __init__(self, path: str, line: int, field: str, kind: str, message: str):
     self.path, self.line, self.field, self.kind = path, line, field, kind
     super().__init__(f"{path}:{line}: field {field!r}: {message} [{kind}]")
+
+
+class EmptyImportError(UserError, ValueError):
+  """No record of the file could be imported; the skip counts (and first problems) are kept."""
+
+  def __init__(self, path: str, report: "ImportReport"):
+    self.report = report
+    if not report.num_skipped:
+      message = f"{path} holds no storyboard (no non-empty line)"
+    else:
+      message = (f"no usable record in {path}: skipped {report.num_skipped} bad records "
+                 f"{dict(sorted(report.skipped.items()))}; first: " + " | ".join(report.messages[:3]))
+    super().__init__(message)
 
 
 @dataclasses.dataclass

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+from unimage_jax.errors import UserError
 
-class EvalError(ValueError):
+
+class EvalError(UserError, ValueError):
   """A bad input to the evaluator (checkpoint, prompt set); the message says what and where."""
 
 

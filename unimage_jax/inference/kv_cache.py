@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from unimage_jax import layout
+from unimage_jax.errors import UserError
 from unimage_jax.layout import TokenMeta
 
 
@@ -74,9 +75,13 @@ def append(cache: KVCache, new_k, new_v, chunk) -> KVCache:
   )
 
 
+class CacheFullError(UserError, ValueError):
+  """A write would pass the cache's static capacity (``config.inference.cache_capacity``)."""
+
+
 def check_room(cache: KVCache, n: int) -> None:
   """Host-side guard: refuse to write ``n`` more slots than the cache holds, with the numbers."""
   used = int(np.max(np.asarray(cache.length)))
   if used + n > cache.capacity:
-    raise ValueError(f"KV cache full: {used} of {cache.capacity} slots used, {n} more needed; "
-                     "raise --cache_capacity (or config.inference.cache_capacity)")
+    raise CacheFullError(f"KV cache full: {used} of {cache.capacity} slots used, {n} more needed; raise "
+                         "config.inference.cache_capacity (tools/direct.py --set=cache_capacity=N)")

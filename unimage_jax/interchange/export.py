@@ -7,10 +7,14 @@ peak host memory near the largest array instead of the model.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 import ml_dtypes
 import numpy as np
 
+from unimage_jax import atomic_io
+from unimage_jax.atomic_io import OutputExistsError
 from unimage_jax.interchange import hf_configs, keymap, safetensors_io
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -39,13 +43,49 @@ def export_params(params, tables, model_cfg: ml_collections.ConfigDict, out_dir:
   return names
 
 
-def export_checkpoint(ckpt_dir: str, out_dir: str, *, step: int | None = None, dtype: str = "float32",
-                      max_shard_bytes: int = 5 << 30) -> list[str]:
-  """Orbax checkpoint (trainer format) -> safetensors, restoring one array at a time."""
+def _looks_like_export(path: str) -> bool:
+  names = os.listdir(path)
+  return hf_configs.UNIMAGE_CONFIG in names or any(n.endswith(".safetensors") for n in names)
+
+
+def check_output(out_dir: str, ckpt_dir: str) -> None:
+  """Refuses an output folder whose contents an export must not replace (a run, another tool's files)."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise OutputExistsError(f"--output {out_dir} is a file, not a folder")
+  if os.path.abspath(out_dir) in (os.path.abspath(ckpt_dir), os.path.dirname(os.path.abspath(ckpt_dir))):
+    raise OutputExistsError(f"--output {out_dir} is the checkpoint's own folder")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not _looks_like_export(out_dir):
+    raise OutputExistsError(f"--output {out_dir} is not empty and holds no earlier export; choose another folder")
+
+
+def export_checkpoint_step(checkpoint: str, out_dir: str, *, step: int | None = None, dtype: str = "float32",
+                           max_shard_bytes: int = 5 << 30) -> tuple[int, list[str]]:
+  """Orbax checkpoint (trainer format; a workdir or its checkpoints folder) -> safetensors.
+
+  Reads one array at a time from the newest step that reads completely (``step`` exactly when
+  given), through the readers' fallback. The files are written to a temporary folder that
+  replaces ``out_dir`` only when the whole export succeeded, so a failure leaves the previous
+  export untouched and no partial file. Returns (step, shard file names).
+  """
   from unimage_jax.interchange import orbax_io
 
-  config = orbax_io.load_config_json(ckpt_dir)
-  ckpt = orbax_io.LazyCheckpoint(ckpt_dir, step)
-  abstract = (ckpt.metadata("params"), ckpt.metadata("tables"))
-  return export_params(ckpt.tree("params"), ckpt.tree("tables"), config.model, out_dir, dtype=dtype,
-                       abstract=abstract, max_shard_bytes=max_shard_bytes)
+  if not os.path.isdir(checkpoint):
+    raise orbax_io.CheckpointError(f"checkpoint directory {checkpoint} does not exist")
+  ckpt_dir = orbax_io.checkpoint_dir(checkpoint)
+  check_output(out_dir, ckpt_dir)
+
+  def attempt(s: int) -> list[str]:
+    config = orbax_io.step_config(ckpt_dir, s)
+    ckpt = orbax_io.LazyCheckpoint(ckpt_dir, s)
+    abstract = (ckpt.metadata("params"), ckpt.metadata("tables"))
+    with atomic_io.atomic_dir(out_dir) as tmp:
+      return export_params(ckpt.tree("params"), ckpt.tree("tables"), config.model, tmp, dtype=dtype,
+                           abstract=abstract, max_shard_bytes=max_shard_bytes)
+
+  return orbax_io.with_fallback(ckpt_dir, attempt, step=step)
+
+
+def export_checkpoint(ckpt_dir: str, out_dir: str, *, step: int | None = None, dtype: str = "float32",
+                      max_shard_bytes: int = 5 << 30) -> list[str]:
+  """:func:`export_checkpoint_step` without the step: the shard file names."""
+  return export_checkpoint_step(ckpt_dir, out_dir, step=step, dtype=dtype, max_shard_bytes=max_shard_bytes)[1]

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import ml_collections
 import numpy as np
 
+from unimage_jax.errors import UserError
 from unimage_jax.interchange import hf_configs, keymap
 from unimage_jax.interchange.keymap import KeyMismatchError
 from unimage_jax.interchange.safetensors_io import SafetensorsReader
@@ -23,7 +24,7 @@ from unimage_jax.interchange.safetensors_io import SafetensorsReader
 PyTree = Any
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
   """The checkpoint's config disagrees with the model config; every differing field is listed."""
 
 

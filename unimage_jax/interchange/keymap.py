@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from unimage_jax.errors import UserError
+
 EXPERTS = {"und": "", "gen": "_moe_gen"}
 
 
@@ -163,7 +165,7 @@ def export_tensors(params, tables, model_cfg) -> Iterator[tuple[str, np.ndarray]
         yield key, to_torch_layout(x, rule.transform, path)
 
 
-class KeyMismatchError(KeyError):
+class KeyMismatchError(UserError, KeyError):
   """Missing, unexpected or wrong-shape tensors, all listed."""
 
   def __str__(self):

@@ -13,26 +13,127 @@ the largest unstacked tensor (the embedding), not by a stacked ``[layers, ...]``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any
+import re
+from typing import Any, Callable, TypeVar
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from unimage_jax.errors import UserError
 
 CONFIG_NAME = "config.json"
 ITEMS = ("params", "tables")
 # Storage chunks of at most this size: readers (export) then decode a big array chunk by chunk
 # instead of holding a second full-size copy; any Orbax reader restores them unchanged.
 CHUNK_BYTES = 64 << 20
+# Orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>`` and renames it when finished.
+_UNFINISHED = re.compile(r"^\d+\.orbax-checkpoint-tmp-\d+$")
+CORRUPT_SUFFIX = ".corrupt"
 
 PyTree = Any
+T = TypeVar("T")
+
+
+class CheckpointError(UserError, FileNotFoundError):
+  """No usable checkpoint where one was asked for (missing folder or step, unreadable step, ...)."""
+
+
+class NoUsableCheckpointError(UserError, RuntimeError):
+  """Every step in the directory failed to restore (each one is listed with its error)."""
+
+
+class CheckpointReadError(Exception):
+  """One step could not be read (truncated or missing files, bad metadata); the fallback's signal."""
 
 
 def _abs(directory: str) -> str:
   return os.path.abspath(os.fspath(directory))
+
+
+def checkpoint_dir(path: str) -> str:
+  """A training workdir or its checkpoints folder -> the folder that holds the Orbax step directories."""
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def finished_steps(directory: str) -> list[int]:
+  """Steps Orbax finished writing (plain ``<step>`` directories), ascending; no side effects."""
+  directory = _abs(directory)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def unfinished_saves(directory: str) -> list[str]:
+  """Temporary step directories left by a save that never finished (the process died mid-write)."""
+  directory = _abs(directory)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(n for n in os.listdir(directory) if _UNFINISHED.match(n))
+
+
+def move_aside(directory: str, step: int) -> str:
+  """Renames ``<directory>/<step>`` to ``<step>.corrupt`` (``.corrupt-2``, ... if taken); returns the new path."""
+  src = os.path.join(_abs(directory), str(step))
+  dst, n = src + CORRUPT_SUFFIX, 1
+  while os.path.exists(dst):
+    n += 1
+    dst = f"{src}{CORRUPT_SUFFIX}-{n}"
+  os.rename(src, dst)
+  return dst
+
+
+def error_summary(e: BaseException, limit: int = 240) -> str:
+  """``Type: first line of the message`` (TensorStore errors run to pages), at most ``limit`` chars."""
+  text = str(e).strip()
+  line = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+  return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def with_fallback(directory: str, load: Callable[[int], T], *, step: int | None = None,
+                  on_fallback: Callable[[list[int], int], None] | None = None) -> tuple[int, T]:
+  """``load(step)`` on the newest step that reads; the one fallback every checkpoint reader uses.
+
+  ``load`` raises :class:`CheckpointReadError` for an unreadable step; each such step is reported
+  by a warning naming it and the error, and the next older step is tried. ``on_fallback(failed,
+  good)`` runs once an older step loaded (the trainer moves the failed ones aside there). An
+  explicit ``step`` is read or refused, never replaced by another. Any other exception (e.g. a
+  model that does not match the checkpoint) propagates unchanged.
+  """
+  directory = _abs(directory)
+  steps = finished_steps(directory)
+  if not steps:
+    where = f"{directory} does not exist" if not os.path.isdir(directory) else f"no checkpoint steps in {directory}"
+    unfinished = unfinished_saves(directory)
+    if unfinished:
+      where += f" (only unfinished saves: {', '.join(unfinished)})"
+    raise CheckpointError(where)
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f"step {step} is not in {directory}; its steps are {steps}")
+    try:
+      return step, load(step)
+    except CheckpointReadError as e:
+      raise CheckpointError(f"checkpoint {directory}/{step} cannot be read ({e})") from e
+  failed, errors = [], []
+  for s in reversed(steps):
+    try:
+      value = load(s)
+    except CheckpointReadError as e:
+      failed.append(s)
+      errors.append(f"step {s}: {e}")
+      logging.warning("checkpoint %s/%d is unusable (%s); falling back to the previous one", directory, s, e)
+      continue
+    if failed and on_fallback is not None:
+      on_fallback(failed, s)
+    return s, value
+  raise NoUsableCheckpointError(f"no checkpoint in {directory} could be restored:\n  " + "\n  ".join(errors))
 
 
 def save_params(directory: str, step: int, params: PyTree, tables: PyTree,
@@ -53,17 +154,38 @@ def save_params(directory: str, step: int, params: PyTree, tables: PyTree,
 def load_config_json(directory: str) -> ml_collections.ConfigDict:
   path = os.path.join(_abs(directory), CONFIG_NAME)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: the checkpoint's config.json (config.to_json()) is needed")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    raise CheckpointError(f"{path} is missing: the checkpoint's config.json (config.to_json()) is needed")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path} cannot be read: {error_summary(e)}") from None
+
+
+def saved_config(directory: str, step: int) -> dict | None:
+  """The config a trainer step was saved with (its ``meta`` item), or None (imports have no meta)."""
+  path = os.path.join(_abs(directory), str(step), "meta", "metadata")
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      config = json.load(f).get("config")
+  except (OSError, ValueError) as e:
+    raise CheckpointReadError(f"{path}: {error_summary(e)}") from None
+  return config if isinstance(config, dict) else None
+
+
+def step_config(directory: str, step: int) -> ml_collections.ConfigDict:
+  """The config of one step: the one it was saved with, else ``<directory>/config.json``."""
+  config = saved_config(directory, step)
+  return ml_collections.ConfigDict(config) if config is not None else load_config_json(directory)
 
 
 def latest_step(directory: str) -> int:
-  with ocp.CheckpointManager(_abs(directory)) as mgr:
-    step = mgr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint steps in {directory}")
-  return step
+  steps = finished_steps(directory)
+  if not steps:
+    raise CheckpointError(f"no checkpoint steps in {directory}")
+  return steps[-1]
 
 
 class LazyCheckpoint:
@@ -86,7 +208,15 @@ class LazyCheckpoint:
 
   def _raw_metadata(self, item: str):
     if item not in self._meta:
-      self._meta[item] = self._ckptr.metadata(self.item_dir(item)).item_metadata
+      try:
+        from etils import epath
+        # the handler reads the item's own metadata (the Checkpointer would also look for, and
+        # warn about, a step-level metadata file that items of a composite step do not have)
+        meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.item_dir(item)))
+        meta.tree  # noqa: B018 - fails when the metadata files are missing or unreadable
+      except Exception as e:  # noqa: BLE001 - any failure to read the metadata makes the step unreadable
+        raise CheckpointReadError(f"{self.item_dir(item)}: metadata unreadable ({error_summary(e)})") from None
+      self._meta[item] = meta
     return self._meta[item]
 
   def metadata(self, item: str) -> PyTree:
@@ -118,15 +248,23 @@ class LazyCheckpoint:
 
   def get(self, item: str, path: tuple[str, ...]) -> np.ndarray:
     """One whole array as numpy."""
-    handle = self.open(item, path)
-    if handle is not None:
-      return np.asarray(handle.read().result())
-    nest = lambda leaf: _nest(path, leaf)
-    restored = self._ckptr.restore(self.item_dir(item), args=ocp.args.PyTreeRestore(
-        item=nest(0), restore_args=nest(ocp.RestoreArgs(restore_type=np.ndarray)), partial_restore=True))
-    for p in path:
-      restored = restored[p]
-    return restored
+    return self.read(item, path, None)
+
+  def read(self, item: str, path: tuple[str, ...], index, handle=None) -> np.ndarray:
+    """``array[index]`` (the whole array for None); a failed read raises CheckpointReadError."""
+    if handle is None:
+      handle = self.open(item, path)
+    try:
+      if handle is not None:
+        return np.asarray((handle if index is None else handle[index]).read().result())
+      nest = lambda leaf: _nest(path, leaf)
+      restored = self._ckptr.restore(self.item_dir(item), args=ocp.args.PyTreeRestore(
+          item=nest(0), restore_args=nest(ocp.RestoreArgs(restore_type=np.ndarray)), partial_restore=True))
+      for p in path:
+        restored = restored[p]
+      return restored if index is None else restored[index]
+    except Exception as e:  # noqa: BLE001 - truncated / missing chunk files, decode errors
+      raise CheckpointReadError(f"{self.item_dir(item)}/{'.'.join(path)}: {error_summary(e)}") from None
 
   def lazy(self, item: str, path: tuple[str, ...], meta) -> "LazyArray":
     return LazyArray(self, item, path, tuple(meta.shape), meta.dtype)
@@ -149,11 +287,11 @@ class LazyArray:
     self._whole: np.ndarray | None = None
 
   def __getitem__(self, index):
-    handle = self._ckpt.open(self._item, self._path)
-    if handle is not None:
-      return np.asarray(handle[index].read().result())
-    if self._whole is None:  # fallback: whole array once, then slices of it
-      self._whole = self._ckpt.get(self._item, self._path)
+    if self._whole is None:
+      handle = self._ckpt.open(self._item, self._path)
+      if handle is not None:
+        return self._ckpt.read(self._item, self._path, index, handle)
+      self._whole = self._ckpt.get(self._item, self._path)  # fallback: whole array once, then slices of it
     return self._whole[index]
 
   def __array__(self, dtype=None, copy=None):
@@ -208,11 +346,42 @@ def restore_item(directory: str, step: int, item: str) -> PyTree:
 
 def restore_params(directory: str, step: int | None = None,
                    config: ml_collections.ConfigDict | None = None) -> tuple[PyTree, PyTree, ml_collections.ConfigDict]:
-  """(params, tables, config) of a step (latest by default) as numpy trees, one array at a time.
+  """(params, tables, config) of a step (the newest readable one by default) as numpy trees.
 
-  ``config`` defaults to ``<directory>/config.json``. Arrays are read individually, so peak memory
-  is the restored trees plus one array in flight, with no second copy.
+  ``directory`` may be a training workdir. ``config`` defaults to the step's own config. Arrays
+  are read individually, so peak memory is the restored trees plus one array in flight.
   """
-  config = load_config_json(directory) if config is None else config
-  step = latest_step(directory) if step is None else step
-  return restore_item(directory, step, "params"), restore_item(directory, step, "tables"), config
+  loaded = load_checkpoint(directory, step, config=config)
+  return loaded.params, loaded.tables, loaded.config
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+  directory: str  # the folder holding the step directories
+  step: int
+  params: PyTree  # numpy; the EMA weights when asked for and saved
+  tables: PyTree
+  config: ml_collections.ConfigDict
+  used_ema: bool = False
+
+
+def load_checkpoint(path: str, step: int | None = None, *, use_ema: bool = False,
+                    config: ml_collections.ConfigDict | None = None) -> LoadedCheckpoint:
+  """The readers' entry point (director, evaluate, init_from): a workdir or checkpoints folder ->
+  the newest step that reads completely (or exactly ``step``), through :func:`with_fallback`.
+
+  With ``use_ema`` the saved EMA replaces the params (cast to their dtype) where the step has one.
+  """
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint directory {path} does not exist")
+  directory = _abs(checkpoint_dir(path))
+
+  def load(s: int) -> LoadedCheckpoint:
+    cfg = step_config(directory, s) if config is None else config
+    params, tables = restore_item(directory, s, "params"), restore_item(directory, s, "tables")
+    ema = use_ema and has_item(directory, s, "ema")
+    if ema:
+      params = jax.tree.map(lambda e, p: np.asarray(e).astype(p.dtype), restore_item(directory, s, "ema"), params)
+    return LoadedCheckpoint(directory, s, params, tables, cfg, ema)
+
+  return with_fallback(directory, load, step=step)[1]

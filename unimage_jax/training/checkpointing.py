@@ -6,14 +6,20 @@ Items of a step directory (other tools rely on these names):
 
 Saves are asynchronous (the step loop continues while tensorstore writes); a SIGTERM or an Orbax
 preemption notice triggers a final save. Restoring takes abstract targets *with shardings of the
-current mesh*, so a run saved on 8 devices resumes on 1 or 4. A latest checkpoint that cannot be
-read (truncated, missing files, bad metadata) is reported by a warning that names it and the
-error, and the previous good one is used.
+current mesh*, so a run saved on 8 devices resumes on 1 or 4.
+
+Faults (README "Reliability"): a step that cannot be read (truncated, missing files, bad
+metadata) is reported, the previous good one is used, and once that one has restored the bad
+step is moved aside to ``<step>.corrupt`` so the run recomputes and saves it again (nothing is
+deleted; a directory where no step restores is left untouched). A run whose model differs from
+its checkpoints is refused by :func:`check_resume` before anything is written, listing the
+differing fields; unfinished saves (``<step>.orbax-checkpoint-tmp-*``) are reported and ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 from typing import Any
@@ -26,12 +32,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from unimage_jax.config_validation import ConfigError
 from unimage_jax.interchange import orbax_io
+from unimage_jax.interchange.orbax_io import CheckpointReadError, NoUsableCheckpointError  # noqa: F401 (re-exported)
 from unimage_jax.training.state import TrainState
 
-
-class NoUsableCheckpointError(RuntimeError):
-  """Every checkpoint in the directory failed to restore."""
+# Model fields that choose how the step runs, not what is saved: they may change on resume.
+RUNTIME_MODEL_FIELDS = ("attention_impl", "remat_policy", "attention_query_chunk", "ce_chunk", "compute_dtype",
+                        "scan_layers")
 
 
 @dataclasses.dataclass
@@ -48,6 +56,96 @@ def _chunked(tree):
 
 def _with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _flatten(tree: dict, prefix: str) -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def saved_state_fields(config: dict) -> dict[str, Any]:
+  """The config fields that decide the shapes and structure of the saved train state."""
+  fields = {k: v for k, v in _flatten(config.get("model", {}), "config.model.").items()
+            if k.split(".")[2] not in RUNTIME_MODEL_FIELDS}
+  optim = config.get("optim", {})
+  if "frozen_groups" in optim:
+    fields["config.optim.frozen_groups"] = sorted(optim["frozen_groups"])
+  if "ema_decay" in optim:  # EMA on/off adds or drops the ``ema`` item
+    fields["config.optim.ema_decay > 0"] = float(optim["ema_decay"]) > 0
+  if "grad_clip_norm" in optim:  # clipping on/off changes the optimizer-state tree
+    fields["config.optim.grad_clip_norm > 0"] = float(optim["grad_clip_norm"]) > 0
+  return fields
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """``field: saved -> current`` for every state-deciding field both configs have and that differs."""
+  a, b = saved_state_fields(saved), saved_state_fields(current)
+  return [f"{k}: {a[k]!r} in the checkpoints, {b[k]!r} now" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+
+
+def _newest_saved_config(directory: str, steps: list[int]) -> dict | None:
+  for step in reversed(steps):
+    try:
+      config = orbax_io.saved_config(directory, step)
+    except CheckpointReadError:
+      continue
+    if config is not None:
+      return config
+  path = os.path.join(directory, orbax_io.CONFIG_NAME)
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except ValueError:
+      return None
+  return None
+
+
+def check_resume(config: ml_collections.ConfigDict, directory: str) -> None:
+  """Refuses, before anything is written, a run its checkpoints cannot continue; reports leftovers.
+
+  Refused (ConfigError): a model or optimizer structure other than the checkpoints' (every
+  differing field listed), ``config.train.steps`` below the newest saved step, and a new run's
+  ``config.train.init_from`` that holds no checkpoint.
+  """
+  directory = os.path.abspath(directory)
+  source = config.train.init_from
+  if source and not orbax_io.finished_steps(directory) and not orbax_io.finished_steps(orbax_io.checkpoint_dir(source)):
+    raise ConfigError(f"config.train.init_from={source!r} holds no checkpoint steps" +
+                      ("" if os.path.isdir(source) else " (the folder does not exist)"))
+  for name in orbax_io.unfinished_saves(directory):
+    logging.warning("%s/%s is an unfinished save (the run stopped while writing it); it is ignored and "
+                    "left in place", directory, name)
+  steps = orbax_io.finished_steps(directory)
+  if not steps:
+    if orbax_io.unfinished_saves(directory):
+      logging.warning("no finished checkpoint in %s: training starts from step 0", directory)
+    return
+  saved = _newest_saved_config(directory, steps)
+  errors = config_differences(saved, config.to_dict()) if saved is not None else []
+  if errors:
+    errors.append(f"resume with the checkpoints' settings, or use a new --workdir (or "
+                  f"--config.train.init_from={os.path.dirname(directory)} to start from its params)")
+  if steps[-1] > config.train.steps:
+    errors.append(f"config.train.steps={config.train.steps} is below the newest checkpoint's step {steps[-1]}; "
+                  "raise it to continue this run")
+  if errors:
+    raise ConfigError(f"this run does not match its checkpoints in {directory}:\n  " + "\n  ".join(errors))
+
+
+def _shape_differences(abstract: Any, saved: Any, item: str) -> list[str]:
+  want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+  have = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+  out = [f"{item}{k}: missing in the checkpoint" for k in sorted(want.keys() - have.keys())]
+  out += [f"{item}{k}: not in this model" for k in sorted(have.keys() - want.keys())]
+  out += [f"{item}{k}: {have[k]} in the checkpoint, {want[k]} now" for k in sorted(want.keys() & have.keys())
+          if want[k] != have[k]]
+  return out
 
 
 class Checkpointer:
@@ -114,20 +212,44 @@ class Checkpointer:
 
   # ------------------------------------------------------------------ restore
   def restore_latest(self, abstract: TrainState, shardings: TrainState, data_iterator: Any | None) -> Restored | None:
-    """Newest readable checkpoint onto ``shardings``; None when the directory has none."""
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    if not steps:
+    """Newest readable checkpoint onto ``shardings``; None when the directory has none.
+
+    Steps that fail to read are moved aside (``<step>.corrupt``) once an older one restored, so
+    the run recomputes them and saves them again.
+    """
+    if not orbax_io.finished_steps(self.directory):
       return None
-    errors = []
-    for step in steps:
+
+    def load(step: int) -> Restored:
+      self._check_shapes(step, abstract)  # a different model is refused, never taken for corruption
       try:
         return self._restore(step, abstract, shardings, data_iterator)
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous
-        message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        errors.append(f"step {step}: {message}")
-        logging.warning("checkpoint %s/%d is unusable (%s); falling back to the previous one",
-                        self.directory, step, message)
-    raise NoUsableCheckpointError(f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(errors))
+      except Exception as e:  # noqa: BLE001 - any failure to read a step falls back to the previous
+        raise CheckpointReadError(orbax_io.error_summary(e)) from None
+
+    step, restored = orbax_io.with_fallback(self.directory, load, on_fallback=self._move_aside)
+    self._last_saved = step
+    return restored
+
+  def _move_aside(self, failed: list[int], good: int) -> None:
+    if jax.process_index() == 0:
+      for step in failed:
+        path = orbax_io.move_aside(self.directory, step)
+        logging.warning("moved the unreadable checkpoint %s/%d to %s; it is recomputed from step %d and saved again",
+                        self.directory, step, path, good)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("unimage_jax.checkpoint_move_aside")
+    self.manager.reload()
+
+  def _check_shapes(self, step: int, abstract: TrainState) -> None:
+    ckpt = orbax_io.LazyCheckpoint(self.directory, step)
+    errors = []
+    for item in ("params", "tables"):
+      errors += _shape_differences(getattr(abstract, item), ckpt.metadata(item), item)
+    if errors:
+      raise ConfigError(f"checkpoint {self.directory}/{step} holds another model than this config:\n  "
+                        + "\n  ".join(errors[:20]) + ("\n  ..." if len(errors) > 20 else ""))
 
   def _restore(self, step: int, abstract: TrainState, shardings: TrainState, data_iterator) -> Restored:
     items = dict(

@@ -14,6 +14,7 @@ from absl import logging
 from unimage_jax import sharding
 from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
+from unimage_jax.errors import UserError
 from unimage_jax.model import functional
 from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib
 from unimage_jax.training import optimizer as opt_lib
@@ -21,7 +22,7 @@ from unimage_jax.training import state as state_lib
 from unimage_jax.training import step as step_lib
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """Raised with ``train.nonfinite='stop'`` when a step had a non-finite loss or gradient."""
 
 
@@ -36,19 +37,30 @@ def _init_from(state, config: ml_collections.ConfigDict, shardings):
   """Starts from another run's params (e.g. stage 2 from stage 1): fresh optimizer, same shapes."""
   from unimage_jax.interchange import orbax_io
   source = config.train.init_from
-  ckpt_dir = os.path.join(source, "checkpoints") if os.path.isdir(os.path.join(source, "checkpoints")) else source
   try:
-    params, tables, _ = orbax_io.restore_params(ckpt_dir, None, config)
-  except FileNotFoundError as e:
+    loaded = orbax_io.load_checkpoint(source, config=config)  # the readers' fallback
+  except UserError as e:
     raise ConfigError(f"config.train.init_from={source!r}: {e}") from e
+  params, tables = loaded.params, loaded.tables
   mismatch = [f"{jax.tree_util.keystr(p)}: {a.shape} vs {b.shape}" for (p, a), b in
               zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(params)) if a.shape != b.shape]
   if jax.tree.structure(state.params) != jax.tree.structure(params) or mismatch:
     raise ConfigError(f"config.train.init_from={source!r} does not match this model: {mismatch[:10] or 'different tree'}")
   params = jax.device_put(jax.tree.map(lambda x, p: x.astype(p.dtype), params, state.params), shardings.params)
   ema = None if state.ema is None else jax.device_put(jax.tree.map(lambda x: x.astype("float32"), params), shardings.ema)
-  logging.warning("initialised params from %s", ckpt_dir)
+  logging.warning("initialised params from %s/%d", loaded.directory, loaded.step)
   return state.replace(params=params, ema=ema, tables=jax.device_put(tables, shardings.tables))
+
+
+def _already_done(workdir: str, step: int, steps: int) -> dict[str, Any]:
+  """The result of a run whose checkpoint already reached ``config.train.steps``: its last metrics."""
+  logging.warning("%s is already at step %d = config.train.steps: nothing to train (raise "
+                  "--config.train.steps to continue)", workdir, step)
+  try:
+    logged = [m for m in metrics_lib.read_metrics(workdir) if m["step"] == step]
+  except (OSError, ValueError):
+    logged = []
+  return dict(logged[-1] if logged else {}, step=step, already_done=True)
 
 
 def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
@@ -57,10 +69,8 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_mesh_compatible(config, mesh)
   workdir = config.train.workdir
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  # before anything is written: a run its checkpoints cannot continue is refused here
+  checkpointing.check_resume(config, os.path.join(workdir, "checkpoints"))
 
   mdef = functional.model_def(config.model)
   abstract_params, _ = functional.abstract_params(config.model)
@@ -68,8 +78,12 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   abstract = state_lib.abstract_state(config, optimizer)
   shardings = state_lib.state_shardings(config, abstract, mesh)
   data = data_source.make_data_iterator(config, mesh)  # builds the default data on first use
-  if jax.process_index() == 0 and config.data.dataset != "synthetic":
-    shutil.copyfile(config.data.tokenizer_path, os.path.join(workdir, "tokenizer.model"))  # self-contained run
+  os.makedirs(workdir, exist_ok=True)  # written only once the data and tokenizer are known to be good
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    if config.data.dataset != "synthetic":
+      shutil.copyfile(config.data.tokenizer_path, os.path.join(workdir, "tokenizer.model"))  # self-contained run
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config)
   ckpt.install_sigterm_handler()
@@ -84,6 +98,9 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
     logging.info("resumed from step %d (data position restored: %s)", start, restored.data_restored)
     if not restored.data_restored:
       logging.warning("checkpoint step %d has no data-iterator state: data order restarts", start)
+    if start >= config.train.steps:
+      ckpt.close()
+      return _already_done(workdir, start, config.train.steps)
 
   batch_spec = data_source.batch_spec(config, mesh)
   batch_shardings = {k: v.sharding for k, v in batch_spec.items()}

@@ -12,6 +12,9 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
+
+DISCARDED_NAME = "metrics.discarded.jsonl"
 
 # Peak dense bf16 FLOP/s per device (chip) by jax ``device_kind`` prefix.
 PEAK_FLOPS = {
@@ -81,11 +84,22 @@ class MetricsWriter:
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def _truncate_after(self, step: int) -> None:
-    """A resumed run recomputes steps after its checkpoint: drop their old lines first."""
+    """A resumed run recomputes steps after its checkpoint: their old lines move to
+    ``metrics.discarded.jsonl`` (appended, never lost) before the run writes new ones."""
     if not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+      lines = [line for line in f if line.strip()]
+    kept, dropped = [], []
+    for line in lines:
+      (kept if json.loads(line)["step"] <= step else dropped).append(line)
+    if dropped:
+      discarded = os.path.join(os.path.dirname(self.path), DISCARDED_NAME)
+      with open(discarded, "a") as f:
+        f.writelines(dropped)
+      if step == 0:
+        logging.warning("%s: restarting from step 0; its %d earlier lines moved to %s", self.path, len(dropped),
+                        discarded)
     with open(self.path, "w") as f:
       f.writelines(kept)
 
