@@ -49,9 +49,11 @@ def _config(tiny_config):
   return cfg
 
 
-def test_torch_module_matches_jax(tiny_config, tmp_path):
+@pytest.mark.parametrize("prediction", ["velocity", "x0"])
+def test_torch_module_matches_jax(tiny_config, tmp_path, prediction):
   cfg = _config(tiny_config)
   m = cfg.model
+  m.flow_prediction = prediction  # BAGEL's velocity head, and the tiny configs' clean-latent head
   params, tables = perturbed_params(m, seed=3)
   batch = synthetic.random_batch(cfg, seed=5, samples_per_row=3)
   kinds = batch["gen_segment_kinds"]
@@ -69,6 +71,7 @@ def test_torch_module_matches_jax(tiny_config, tmp_path):
   assert "language_model.model.layers.1.self_attn.q_proj_moe_gen.weight" in index["weight_map"]
   for name in ("llm_config.json", "vit_config.json", "vae_config.json"):
     assert os.path.exists(os.path.join(out, name))
+  assert json.load(open(os.path.join(out, "vae_config.json")))["flow_prediction"] == prediction
 
   model = load_exported(out)
   tb = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}

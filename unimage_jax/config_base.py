@@ -38,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.latent_patch_size = 2
   m.max_latent_grid = 8  # G: latent_pos_embed has G*G entries
   m.timestep_shift = 1.0  # s in shift(t) = s t / (1 + (s - 1) t)
+  m.flow_prediction = "velocity"  # velocity (BAGEL) | x0: the gen head predicts the clean latent
+  m.flow_loss = "auto"  # auto (= flow_prediction) | velocity | x0: the space the flow MSE is measured in
   # understanding images: SigLIP-style NaViT encoder + 2-layer GELU-tanh connector
   v = m.vit = ml_collections.ConfigDict()
   v.enabled = True

@@ -15,6 +15,7 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots_saveable", "save_attention_out")
 ATTENTION_IMPLS = ("xla", "xla_flash", "pallas_tpu", "pallas_gpu", "auto")
 AUTOENCODERS = ("pixel", "flux_vae")
+FLOW_PREDICTIONS = ("velocity", "x0")
 SCHEDULES = ("cosine", "constant", "linear")
 PARAM_GROUPS = ("und_expert", "gen_expert", "embeddings", "lm_head", "latent_io", "connector", "vit")
 
@@ -59,6 +60,10 @@ def _model_errors(m: ml_collections.ConfigDict) -> list[str]:
     errors.append(f"config.model.rms_norm_eps={m.rms_norm_eps} must be positive")
   if m.timestep_shift <= 0:
     errors.append(f"config.model.timestep_shift={m.timestep_shift} must be positive")
+  if m.flow_prediction not in FLOW_PREDICTIONS:
+    errors.append(f"config.model.flow_prediction={m.flow_prediction!r} must be one of {FLOW_PREDICTIONS}")
+  if m.flow_loss not in ("auto",) + FLOW_PREDICTIONS:
+    errors.append(f"config.model.flow_loss={m.flow_loss!r} must be one of {('auto',) + FLOW_PREDICTIONS}")
   v = m.vit
   if v.enabled:
     for name in ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size", "max_patches_per_side"):

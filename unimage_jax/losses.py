@@ -29,6 +29,18 @@ def shift_timestep(t: jax.Array, shift: float) -> jax.Array:
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def loss_space(model_cfg: ml_collections.ConfigDict) -> str:
+  """Where the flow MSE is measured: "velocity" (BAGEL) or "x0" (``t^2``-weighted velocity error).
+
+  ``flow_loss="auto"`` follows ``flow_prediction``. An x0-predicting model trained on the
+  velocity error weights a sample by ``1/t^2``: the nearly clean samples then dominate the
+  gradient and Adam's normalisation starves the noisy ones, which are the samples where the
+  picture has to come from the context (README, "Diagnosing the keyframes").
+  """
+  space = model_cfg.get("flow_loss", "auto")
+  return model_cfg.get("flow_prediction", "velocity") if space == "auto" else space
+
+
 def noise_latents(rng: jax.Array, batch, max_segments: int, shift: float):
   """Draws one t per noised image and the noise; returns (x_t, t per token, velocity target, mask).
 
@@ -84,6 +96,8 @@ def loss_sums(model, batch, rng: jax.Array, model_cfg: ml_collections.ConfigDict
   labels, weights = batch["und_labels"], batch["und_loss_weights"]
   ce_sum = chunked_cross_entropy(hidden, model.logits, labels, weights, model_cfg.ce_chunk)
   per_token = jnp.mean(jnp.square(velocity - target), axis=-1)  # [B, Lg]
+  if loss_space(model_cfg) == "x0":  # |x0 - x0_hat|^2 = t^2 |v - v_hat|^2
+    per_token = per_token * jnp.square(t)
   has_label = labels != layout.IGNORE_LABEL
   return LossSums(
       ce_sum=ce_sum,

@@ -11,7 +11,7 @@ recomputes each tile's probabilities from the saved logsumexp and skips the same
 accumulate in place in the loop carry. Memory: O(L * D) plus one tile; no ``L x L`` array.
 
 Semantics are exactly :func:`reference.reference_attention`'s (same mask rule, fp32 softmax,
-zero output for queries that see nothing); ``tests/test_blocked_attention.py`` holds values and
+zero output for queries that see nothing); ``tests/test_attention_kernel.py`` holds values and
 gradients to the reference.
 """
 

@@ -78,6 +78,9 @@ def vae_config(m: ml_collections.ConfigDict) -> dict[str, Any]:
       "latent_patch_size": m.latent_patch_size,
       "max_latent_size": m.max_latent_grid,
       "timestep_shift": m.timestep_shift,
+      # "x0": llm2vae predicts the clean latent (velocity = (x_t - x0) / max(t, 0.05)); BAGEL's own
+      # code reads llm2vae as the velocity, so it serves only "velocity" checkpoints
+      "flow_prediction": m.get("flow_prediction", "velocity"),
       "vit_enabled": bool(m.vit.enabled),
       "vit_max_num_patch_per_side": m.vit.max_patches_per_side,
       "connector_act": "gelu_pytorch_tanh",
@@ -160,7 +163,8 @@ def model_config_from_dir(directory: str, base: ml_collections.ConfigDict | None
   if vae is not None:
     m.update(autoencoder=vae["autoencoder"], latent_channels=vae["latent_channels"],
              latent_patch_size=vae["latent_patch_size"], max_latent_grid=vae["max_latent_size"],
-             timestep_shift=vae.get("timestep_shift", m.timestep_shift))
+             timestep_shift=vae.get("timestep_shift", m.timestep_shift),
+             flow_prediction=vae.get("flow_prediction", "velocity"))
     if vae["autoencoder"] == "pixel":
       m.pixel_downsample = vae["downsample"]
   return m

@@ -24,14 +24,34 @@ class FixedTable(nnx.Variable):
 
 
 class TimestepEmbedder(nnx.Module):
-  """256-dim sinusoid of the shifted timestep -> Linear, SiLU, Linear (keys ``mlp.0``/``mlp.2``)."""
+  """256-dim sinusoid of the shifted timestep -> Linear, SiLU, Linear (keys ``mlp.0``/``mlp.2``).
+
+  Initialisation (from scratch only; imported weights replace it). BAGEL feeds ``t`` in [0, 1] to
+  a sinusoid made for t in [0, 1000]: over that range only ~40 of the 256 features move, and their
+  constant part is 14x larger than their variation. With the usual N(0, 0.02) weights the embedding
+  is then one constant vector (output RMS 0.03, t-variation 0.003, correlation 0.97 between t=0 and
+  t=1), far below the latent position table (RMS 0.7): a small model starts blind to the noise
+  level and cannot learn the 1/t gain that removes the last noise (see README, "Diagnosing the
+  keyframes"). So ``mlp.0`` is initialised on *standardised* features: each moving feature is
+  centred and scaled by its spread over t in [0, 1] (weights N(0, 1 / (n std_k^2)), bias removing
+  the mean), constant features start at 0; ``mlp.2`` is LeCun-normal. The embedding starts with
+  RMS ~0.6 and a t-variation of the same size.
+  """
 
   FREQ_DIM = 256
 
   def __init__(self, hidden: int, dtype: jnp.dtype, rngs: nnx.Rngs):
     kw = dict(use_bias=True, param_dtype=dtype, rngs=rngs)
     self.mlp_0 = layers.Dense([self.FREQ_DIM], [hidden], ["timestep"], ["embed"], **kw)
-    self.mlp_2 = layers.Dense([hidden], [hidden], ["embed"], ["embed"], **kw)
+    self.mlp_2 = layers.Dense([hidden], [hidden], ["embed"], ["embed"], **kw,
+                              kernel_init=jax.nn.initializers.lecun_normal())
+    feats = timestep_sinusoid(jnp.linspace(0.0, 1.0, 257), self.FREQ_DIM)  # [257, 256]
+    mean, std = jnp.mean(feats, axis=0), jnp.std(feats, axis=0)  # [256]
+    moving = std > 1e-2
+    scale = jnp.where(moving, 1.0 / (jnp.maximum(std, 1e-2) * jnp.sqrt(jnp.sum(moving))), 0.0)
+    kernel = jax.random.normal(rngs.params(), (self.FREQ_DIM, hidden), jnp.float32) * scale[:, None]
+    self.mlp_0.kernel.value = kernel.astype(dtype)
+    self.mlp_0.bias.value = (-(mean @ kernel)).astype(dtype)
 
   def __call__(self, t: jax.Array, dtype) -> jax.Array:
     return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_sinusoid(t, self.FREQ_DIM), dtype)), dtype)
@@ -53,6 +73,25 @@ def latent_token_dim(cfg: ml_collections.ConfigDict) -> int:
   return cfg.latent_channels * cfg.latent_patch_size**2
 
 
+X0_MIN_T = 0.05  # x0-prediction: t below this divides by it (JiT's clip), the velocity stays bounded
+
+
+def flow_velocity(head: jax.Array, noisy_latents: jax.Array, timesteps: jax.Array, prediction: str) -> jax.Array:
+  """The velocity ``eps - x0`` from the head's output ``[B, Lg, Dl]``.
+
+  "velocity": the head is the velocity (BAGEL). "x0": the head is the clean latent, and with
+  ``x_t = (1 - t) x0 + t eps`` the velocity is ``(x_t - x0) / t``. Predicting the clean image is
+  what a narrow network can do on high-dimensional pixel tokens (Li & He, "Back to Basics: Let
+  Denoising Generative Models Denoise", 2025): the clean keyframe lies on a low-dimensional
+  manifold, the noise in a velocity target does not. The tiny configs' 192-dim pixel tokens on a
+  256-wide model are that case (README, "Diagnosing the keyframes").
+  """
+  if prediction == "velocity":
+    return head
+  t = jnp.maximum(timesteps, X0_MIN_T)[..., None]  # [B, Lg, 1]
+  return (noisy_latents.astype(jnp.float32) - head) / t
+
+
 class UniMAGE(nnx.Module):
   """The MoT director. ``cfg`` is the ``model`` sub-config."""
 
@@ -64,7 +103,10 @@ class UniMAGE(nnx.Module):
     self.decoder = MoTDecoder(cfg, rngs)
     self.lm_head = layers.Dense([e], [cfg.vocab_size], ["embed"], ["vocab"], use_bias=False,
                                 param_dtype=dtype, rngs=rngs)
-    self.vae2llm = layers.Dense([dl], [e], ["latent"], ["embed"], use_bias=True, param_dtype=dtype, rngs=rngs)
+    # LeCun-normal: the noisy latent enters at the scale of the position table (N(0, 0.02) would
+    # make it a 1/4-size signal under the first RMSNorm)
+    self.vae2llm = layers.Dense([dl], [e], ["latent"], ["embed"], use_bias=True, param_dtype=dtype, rngs=rngs,
+                                kernel_init=jax.nn.initializers.lecun_normal())
     self.llm2vae = layers.Dense([e], [dl], ["embed"], ["latent"], use_bias=True, param_dtype=dtype,
                                 rngs=rngs, kernel_init=layers.zeros_init)
     self.time_embedder = TimestepEmbedder(e, dtype, rngs)
@@ -109,9 +151,15 @@ class UniMAGE(nnx.Module):
                        for u, g in zip(token_meta(batch, "und"), token_meta(batch, "gen"))))
     return h_und, h_gen, rope_und, rope_gen, meta
 
-  def velocity(self, h_gen: jax.Array) -> jax.Array:
-    """Final gen hidden states -> latent velocity ``[B, Lg, Dl]`` (fp32)."""
-    return self.llm2vae(h_gen, jnp.dtype(self.cfg.compute_dtype)).astype(jnp.float32)
+  def velocity(self, h_gen: jax.Array, noisy_latents: jax.Array, timesteps: jax.Array) -> jax.Array:
+    """Final gen hidden states -> latent velocity ``[B, Lg, Dl]`` (fp32).
+
+    ``flow_prediction="x0"`` reads the head as the clean latent and returns the velocity it
+    implies, ``(x_t - x0) / t`` (see ``flow_velocity``); everything downstream (loss, sampler,
+    guidance) stays in velocity space.
+    """
+    out = self.llm2vae(h_gen, jnp.dtype(self.cfg.compute_dtype)).astype(jnp.float32)
+    return flow_velocity(out, noisy_latents, timesteps, self.cfg.get("flow_prediction", "velocity"))
 
   def __call__(self, batch, noisy_latents: jax.Array, timesteps: jax.Array):
     """Packed row -> (und hidden ``[B, Lu, E]`` after the final norm, velocity ``[B, Lg, Dl]``).
@@ -120,7 +168,7 @@ class UniMAGE(nnx.Module):
     ``timesteps [B, Lg]`` are the shifted t of each latent token (0 for clean tokens).
     """
     h_und, h_gen = self.decoder(*self._inputs(batch, noisy_latents, timesteps))
-    return h_und, self.velocity(h_gen)
+    return h_und, self.velocity(h_gen, noisy_latents, timesteps)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """``[..., E] -> [..., V]`` in fp32 (untied lm_head)."""
@@ -134,4 +182,4 @@ class UniMAGE(nnx.Module):
     """
     h_und, h_gen, new_k, new_v = self.decoder.extend(*self._inputs(chunk, noisy_latents, timesteps),
                                                      cache_k, cache_v, cache_meta)
-    return h_und, self.velocity(h_gen), new_k, new_v
+    return h_und, self.velocity(h_gen, noisy_latents, timesteps), new_k, new_v

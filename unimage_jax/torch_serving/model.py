@@ -21,6 +21,7 @@ from torch import nn
 
 # Segment kinds of the packed-row contract (unimage_jax.layout; duplicated to keep JAX out).
 KIND_PAD, KIND_TEXT, KIND_VIT, KIND_CLEAN, KIND_NOISE = 0, 1, 2, 3, 4
+X0_MIN_T = 0.05  # x0-prediction clip of t (unimage_jax.model.unimage.X0_MIN_T)
 
 
 def visibility(sample_ids, segment_ids, kinds, orders) -> torch.Tensor:
@@ -347,6 +348,8 @@ class UniMAGETorch(nn.Module):
       h_und, h_gen = layer(h_und, h_gen, rope_und, rope_gen, meta, self.attention_chunk)
     logits = self.language_model.lm_head(body.norm(h_und)).float()
     velocity = self.llm2vae(body.norm_moe_gen(h_gen)).float()
+    if self.vae_config.get("flow_prediction", "velocity") == "x0":  # the head is the clean latent
+      velocity = (latents.float() - velocity) / timesteps.float().clamp(min=X0_MIN_T)[..., None]
     return logits, velocity
 
 
