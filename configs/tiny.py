@@ -10,7 +10,8 @@ def get_config(stage: str = "stage1"):
   # x0 head + x0 loss, training t at the sampler's shift (README, "Diagnosing the keyframes")
   c.model.update(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
                  mlp_dim=768, vocab_size=1024, compute_dtype="float32",
-                 flow_prediction="x0", timestep_shift=3.0)
+                 flow_prediction="x0", timestep_shift=3.0,
+                 scan_layers=False)  # 2 layers: unrolled is faster on the CPU (BENCHMARKS.md)
   c.data.batch_size = 4  # more, smaller steps learn more in the main job's minutes than 8-row ones
   c.optim.learning_rate = 2e-3
   c.train.update(steps=600, log_every=20, checkpoint_every=200)
