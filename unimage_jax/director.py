@@ -38,6 +38,7 @@ from unimage_jax.inference.script_repair import UnrepairableScriptError, parse_o
 from unimage_jax.interchange import orbax_io
 from unimage_jax.model import functional
 from unimage_jax.script_schema import Script
+from unimage_jax import tokenizer as tokenizer_lib
 from unimage_jax.tokenizer import Tokenizer
 
 MODES = ("auto", "interleaved", "disentangled")
@@ -59,10 +60,13 @@ class Storyboard:
 
 
 def _find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
-  for path in (os.path.join(workdir, "tokenizer.model"), config.data.tokenizer_path):
-    if path and os.path.exists(path):
+  """The run's own copy (``tokenizer.model`` or ``tokenizer.json``, as the trainer wrote it), else
+  ``config.data.tokenizer_path``."""
+  own = os.path.join(workdir, tokenizer_lib.workdir_copy_name(config.data.tokenizer_path))
+  for path in (own, config.data.tokenizer_path):
+    if path and os.path.exists(tokenizer_lib.tokenizer_file(path)):
       return path
-  raise DirectorError(f"no tokenizer: neither {workdir}/tokenizer.model nor config.data.tokenizer_path="
+  raise DirectorError(f"no tokenizer: neither {own} nor config.data.tokenizer_path="
                       f"{config.data.tokenizer_path!r} exists")
 
 
@@ -96,7 +100,10 @@ class Director:
     if "inference" not in config:
       from unimage_jax.config_base import base_config
       config.inference = base_config().inference
-    tok = Tokenizer(_find_tokenizer(workdir, config), max_vocab_size=config.model.vocab_size)
+    try:
+      tok = tokenizer_lib.load_tokenizer(_find_tokenizer(workdir, config), max_vocab_size=config.model.vocab_size)
+    except ValueError as e:
+      raise DirectorError(str(e)) from None
     director = cls(config, loaded.params, loaded.tables, tok)
     director.step = loaded.step
     return director
