@@ -40,6 +40,8 @@ class PlanTransform(grain.transforms.RandomMap):
     if self._planner is None:
       self._planner = Planner(self.plan_cfg, load_tokenizer(self.tokenizer_path, self.max_vocab_size))
     record = builders.decode_record(element)
+    if "latents" in element:  # latent_cache.WithLatents: the keyframes' cached VAE latents
+      record["latents"] = element["latents"]
     try:
       return self._planner.plan(record, rng)
     except SampleTooLargeError as e:
@@ -114,6 +116,9 @@ def make_sample_dataset(config, *, process_index: int = 0, process_count: int = 
   d = config.data
   source = builders.load_source(d.data_dir, d.dataset, split, d.dataset_config, default_build_name(config))
   check_tokenizer(config)
+  if config.model.autoencoder == "flux_vae":
+    from data_pipelines import latent_cache
+    source = latent_cache.open_for_config(config, source, split)
   ds = grain.MapDataset.source(source).shuffle(seed=d.seed)
   if repeat:
     ds = ds.repeat(None)
@@ -254,4 +259,23 @@ def ensure_dataset(config, verbose: bool = True) -> None:
     corpus = tokenizer_corpus(d.data_dir, d.dataset, d.dataset_config, default_build_name(config))
     train_any_tokenizer(corpus, d.tokenizer_path, config.model.vocab_size)
   check_tokenizer(config)
+  if config.model.autoencoder == "flux_vae":
+    ensure_latents(config, verbose)
+
+
+def ensure_latents(config, verbose: bool = True) -> None:
+  """Encodes the train split's keyframes into the latent cache when it is missing or partial (the
+  first run of a VAE config; resumable). A cache made by another VAE or build is refused, not
+  silently replaced. A tiny StoryWorld VAE at the default path is trained first (``vae.train``)."""
+  from data_pipelines import latent_cache
+  from unimage_jax.vae import training as vae_training
+
+  vae_training.ensure_default_vae(config, verbose)
+  directory = latent_cache.cache_dir(config, "train")
+  manifest = latent_cache.read_manifest(directory)
+  if manifest is not None and manifest.get("complete"):
+    return
+  if verbose:
+    print(f"encoding the keyframes with the VAE into {directory}")
+  latent_cache.build_for_config(config, "train", log=print if verbose else (lambda _: None))
 

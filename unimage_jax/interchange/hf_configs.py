@@ -79,7 +79,7 @@ def vae_config(m: ml_collections.ConfigDict) -> dict[str, Any]:
   return {
       "autoencoder": m.autoencoder,
       "latent_channels": m.latent_channels,
-      "downsample": 8 if flux else m.pixel_downsample,
+      "downsample": m.vae_downsample if flux else m.pixel_downsample,
       "scale_factor": FLUX_SCALE if flux else 1.0,
       "shift_factor": FLUX_SHIFT if flux else 0.0,
       "latent_patch_size": m.latent_patch_size,
@@ -171,4 +171,6 @@ def model_config_from_dir(directory: str, base: ml_collections.ConfigDict | None
              timestep_shift=vae.get("timestep_shift", m.timestep_shift))
     if vae["autoencoder"] == "pixel":
       m.pixel_downsample = vae["downsample"]
+    else:
+      m.vae_downsample = vae["downsample"]
   return m
