@@ -153,7 +153,7 @@ RENORM_TYPES = ("global", "channel", "text_channel")
 
 def latent_downsample(m: ml_collections.ConfigDict) -> int:
   """Pixels per latent cell: the pixel codec's fold, or the VAE's (FLUX: 8)."""
-  return m.pixel_downsample if m.autoencoder == "pixel" else m.vae_downsample
+  return m.pixel_downsample if m.autoencoder == "pixel" else m.get("vae_downsample", 8)  # older configs: FLUX
 
 
 def image_tokens(c: ml_collections.ConfigDict) -> int:

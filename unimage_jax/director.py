@@ -93,7 +93,7 @@ class Director:
     m = config.model
     self.engine = Engine(functional.model_def(m), params, tables, m)
     self.patch = m.latent_patch_size
-    self.down = m.pixel_downsample if m.autoencoder == "pixel" else m.vae_downsample
+    self.down = m.pixel_downsample if m.autoencoder == "pixel" else m.get("vae_downsample", 8)
     self.image_size = config.data.image_size
     self.grid = self.image_size // (self.down * self.patch)  # latent patches per side
     self.codec = None  # flux_vae: the VAE's jitted encoder/decoder; pixel: the exact codec

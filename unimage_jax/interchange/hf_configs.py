@@ -79,7 +79,7 @@ def vae_config(m: ml_collections.ConfigDict) -> dict[str, Any]:
   return {
       "autoencoder": m.autoencoder,
       "latent_channels": m.latent_channels,
-      "downsample": m.vae_downsample if flux else m.pixel_downsample,
+      "downsample": m.get("vae_downsample", 8) if flux else m.pixel_downsample,
       "scale_factor": FLUX_SCALE if flux else 1.0,
       "shift_factor": FLUX_SHIFT if flux else 0.0,
       "latent_patch_size": m.latent_patch_size,

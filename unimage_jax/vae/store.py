@@ -85,12 +85,13 @@ def load_vae(path: str, field: str = "config.model.vae_path") -> flux_vae.FluxVA
 def check_matches(vae_cfg: flux_vae.VAEConfig, model_cfg, image_size: int, field: str = "config.model.vae_path") -> None:
   """The VAE's latent space is the model's: channels, downsampling, and the grid fits."""
   bad = []
+  model_down = model_cfg.get("vae_downsample", 8)  # configs saved before the field: FLUX's 8
   if vae_cfg.latent_channels != model_cfg.latent_channels:
     bad.append(f"the VAE has {vae_cfg.latent_channels} latent channels but config.model.latent_channels="
                f"{model_cfg.latent_channels}")
-  if downsample(vae_cfg) != model_cfg.vae_downsample:
-    bad.append(f"the VAE downsamples {downsample(vae_cfg)}x but config.model.vae_downsample={model_cfg.vae_downsample}")
-  cell = model_cfg.vae_downsample * model_cfg.latent_patch_size
+  if downsample(vae_cfg) != model_down:
+    bad.append(f"the VAE downsamples {downsample(vae_cfg)}x but config.model.vae_downsample={model_down}")
+  cell = model_down * model_cfg.latent_patch_size
   if image_size % cell or image_size // cell > model_cfg.max_latent_grid:
     bad.append(f"config.data.image_size={image_size} must be a multiple of {cell} with at most "
                f"config.model.max_latent_grid={model_cfg.max_latent_grid} latent patches per side")
