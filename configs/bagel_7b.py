@@ -2,6 +2,16 @@
 
 from unimage_jax.config_base import apply_stage, base_config
 
+# What the user supplies (the real path; README "The real path" and "The users' recipe"):
+# * tokenizer: the Qwen2/BAGEL checkpoint folder holding tokenizer.json (ID tags, cue brackets and
+#   image markers are appended as special tokens when missing);
+# * VAE: FLUX's VAE imported once with
+#   tools/import_checkpoint.py --format=vae --source=<FLUX ae.safetensors> --output=artifacts/vae/flux
+#   (the keyframe latent cache is then built from it on the first training run);
+# * data: their storyboards (tools/build_data.py --dataset=storyboards --jsonl=... --image_dir=...).
+USER_DATA = dict(dataset="storyboards", tokenizer_path="artifacts/tokenizer/qwen2")
+USER_VAE = "artifacts/vae/flux"
+
 
 def get_config(stage: str = "stage1"):
   """``--config=configs/bagel_7b.py:stage2`` selects the stage-2 preset (DESIGN.md section 4)."""
@@ -14,7 +24,8 @@ def get_config(stage: str = "stage1"):
   )
   c.model.vit.update(hidden_size=1152, num_layers=26, num_heads=16, mlp_dim=4304, patch_size=14)
   c.data.update(image_size=512, und_len=12288, gen_len=4096, vit_len=2048, max_segments=256,
-                batch_size=128, tokenizer_path="artifacts/tokenizer/qwen2")
+                batch_size=128, **USER_DATA)
+  c.model.vae_path = USER_VAE
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.optim.update(learning_rate=2e-5, warmup_steps=2000, ema_decay=0.9999)
   c.train.update(steps=100000, workdir="runs/bagel_7b")

@@ -23,7 +23,7 @@ from data_pipelines.sequence_plan import PlanConfig, Planner, Sample, SampleTooL
 from unimage_jax import script_schema
 from unimage_jax.config_validation import ConfigError
 from unimage_jax.errors import UserError
-from unimage_jax.tokenizer import Tokenizer, train_tokenizer
+from unimage_jax.tokenizer import load_tokenizer, tokenizer_file, train_any_tokenizer
 
 
 class PlanTransform(grain.transforms.RandomMap):
@@ -38,8 +38,10 @@ class PlanTransform(grain.transforms.RandomMap):
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> Sample:
     if self._planner is None:
-      self._planner = Planner(self.plan_cfg, Tokenizer(self.tokenizer_path, self.max_vocab_size))
+      self._planner = Planner(self.plan_cfg, load_tokenizer(self.tokenizer_path, self.max_vocab_size))
     record = builders.decode_record(element)
+    if "latents" in element:  # latent_cache.WithLatents: the keyframes' cached VAE latents
+      record["latents"] = element["latents"]
     try:
       return self._planner.plan(record, rng)
     except SampleTooLargeError as e:
@@ -78,15 +80,17 @@ class MissingTokenizerError(UserError, FileNotFoundError):
   """``config.data.tokenizer_path`` names no file (and is not the default one built on first use)."""
 
 
-def check_tokenizer(config) -> Tokenizer:
-  """Loads the tokenizer named by config.data.tokenizer_path and checks it fits the model's vocab."""
+def check_tokenizer(config):
+  """Loads the tokenizer named by config.data.tokenizer_path (SentencePiece ``.model`` or HF
+  ``tokenizer.json``/folder) and checks it fits the model's vocab and keeps every script symbol
+  one token."""
   path = config.data.tokenizer_path
-  if not os.path.exists(path):
+  if not os.path.exists(tokenizer_file(path)):
     raise MissingTokenizerError(f"tokenizer model not found: config.data.tokenizer_path={path!r}; train one with "
                                 "tools/train_tokenizer.py")
   try:
-    return Tokenizer(path, max_vocab_size=config.model.vocab_size)
-  except ValueError as e:  # too many pieces for the model, missing control symbols
+    return load_tokenizer(path, max_vocab_size=config.model.vocab_size)
+  except ValueError as e:  # too many pieces for the model, missing control symbols, split symbols
     raise ConfigError(str(e)) from None
 
 
@@ -95,12 +99,26 @@ def default_tokenizer_path(config) -> str:
   return os.path.join(os.path.dirname(os.path.normpath(config.data.data_dir)), "tokenizer", "spm.model")
 
 
+def default_hf_tokenizer_path(config) -> str:
+  """The HF twin built on first use as well: ``<data_dir>/../tokenizer/hf/tokenizer.json``."""
+  return os.path.join(os.path.dirname(default_tokenizer_path(config)), "hf", "tokenizer.json")
+
+
+def _is_default_tokenizer(config) -> bool:
+  path = os.path.abspath(tokenizer_file(config.data.tokenizer_path))
+  return config.data.dataset == "storyworld" and path in (
+      os.path.abspath(default_tokenizer_path(config)), os.path.abspath(default_hf_tokenizer_path(config)))
+
+
 def make_sample_dataset(config, *, process_index: int = 0, process_count: int = 1, split: str = "train",
                         repeat: bool = True) -> grain.MapDataset:
   """Planned samples (before packing): source -> shuffle -> repeat -> slice -> decode + plan."""
   d = config.data
   source = builders.load_source(d.data_dir, d.dataset, split, d.dataset_config, default_build_name(config))
   check_tokenizer(config)
+  if config.model.autoencoder == "flux_vae":
+    from data_pipelines import latent_cache
+    source = latent_cache.open_for_config(config, source, split)
   ds = grain.MapDataset.source(source).shuffle(seed=d.seed)
   if repeat:
     ds = ds.repeat(None)
@@ -219,14 +237,14 @@ def ensure_dataset(config, verbose: bool = True) -> None:
   """
   d = config.data
   default = default_tokenizer_path(config)
-  if not os.path.exists(d.tokenizer_path) and (
-      d.dataset != "storyworld" or os.path.abspath(d.tokenizer_path) != os.path.abspath(default)):
+  if not os.path.exists(tokenizer_file(d.tokenizer_path)) and not _is_default_tokenizer(config):
     # only the default StoryWorld tokenizer is built on first use: a mistyped path is an error,
     # not a reason to train a new tokenizer (and create its folders) somewhere unexpected
     raise MissingTokenizerError(
         f"tokenizer model not found: config.data.tokenizer_path={d.tokenizer_path!r}; train one with "
         f"tools/train_tokenizer.py --output={d.tokenizer_path}" +
-        (f", or leave the default ({default}), which is built on first use" if d.dataset == "storyworld" else ""))
+        (f", or leave a default ({default} or {default_hf_tokenizer_path(config)}), which is built on first use"
+         if d.dataset == "storyworld" else ""))
   try:
     builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config, default_build_name(config))
   except builders.DatasetNotBuiltError:
@@ -235,12 +253,29 @@ def ensure_dataset(config, verbose: bool = True) -> None:
     if verbose:
       print(f"building StoryWorld ({d.num_stories} stories, {d.image_size}px) into {d.data_dir}")
     builders.build_storyworld(d.data_dir, d.num_stories, d.image_size, seed=0)
-  if not os.path.exists(d.tokenizer_path):
+  if not os.path.exists(tokenizer_file(d.tokenizer_path)):
     if verbose:
       print(f"training the tokenizer ({config.model.vocab_size} pieces) into {d.tokenizer_path}")
-    prefix = d.tokenizer_path[: -len(".model")] if d.tokenizer_path.endswith(".model") else d.tokenizer_path
-    path = train_tokenizer(tokenizer_corpus(d.data_dir, d.dataset, d.dataset_config, default_build_name(config)), prefix,
-                           config.model.vocab_size)
-    if path != d.tokenizer_path:
-      os.replace(path, d.tokenizer_path)
+    corpus = tokenizer_corpus(d.data_dir, d.dataset, d.dataset_config, default_build_name(config))
+    train_any_tokenizer(corpus, d.tokenizer_path, config.model.vocab_size)
   check_tokenizer(config)
+  if config.model.autoencoder == "flux_vae":
+    ensure_latents(config, verbose)
+
+
+def ensure_latents(config, verbose: bool = True) -> None:
+  """Encodes the train split's keyframes into the latent cache when it is missing or partial (the
+  first run of a VAE config; resumable). A cache made by another VAE or build is refused, not
+  silently replaced. A tiny StoryWorld VAE at the default path is trained first (``vae.train``)."""
+  from data_pipelines import latent_cache
+  from unimage_jax.vae import training as vae_training
+
+  vae_training.ensure_default_vae(config, verbose)
+  directory = latent_cache.cache_dir(config, "train")
+  manifest = latent_cache.read_manifest(directory)
+  if manifest is not None and manifest.get("complete"):
+    return
+  if verbose:
+    print(f"encoding the keyframes with the VAE into {directory}")
+  latent_cache.build_for_config(config, "train", log=print if verbose else (lambda _: None))
+

@@ -56,6 +56,7 @@ class PlanConfig:
 
   sizes: BufferSizes
   image_size: int
+  autoencoder: str  # "pixel": encode here with the exact codec; "flux_vae": records carry cached latents
   pixel_downsample: int
   latent_patch_size: int
   latent_grid: int
@@ -71,23 +72,46 @@ class PlanConfig:
   @classmethod
   def from_config(cls, config) -> "PlanConfig":
     d, m = config.data, config.model
-    if m.autoencoder != "pixel" or m.latent_channels != 3 * m.pixel_downsample ** 2:
-      raise ConfigError(
-          f"the data pipeline encodes keyframes with the pixel codec only (config.model.autoencoder="
-          f"{m.autoencoder!r}, latent_channels={m.latent_channels}); a VAE config needs on-device encoding")
+    if m.autoencoder == "pixel" and m.latent_channels != 3 * m.pixel_downsample ** 2:
+      raise ConfigError(f"config.model.latent_channels={m.latent_channels} must be 3 * pixel_downsample**2 = "
+                        f"{3 * m.pixel_downsample ** 2} for the pixel codec")
+    if m.autoencoder not in ("pixel", "flux_vae"):
+      raise ConfigError(f"config.model.autoencoder={m.autoencoder!r} must be 'pixel' or 'flux_vae'")
     weights = tuple((t, float(d.tasks[t])) for t in TASKS if t in d.tasks and float(d.tasks[t]) > 0)
     unknown = set(d.tasks.keys()) - set(TASKS)
     if unknown or not weights:
       raise ValueError(f"config.data.tasks must weight some of {TASKS}; got {dict(d.tasks)}")
     return cls(
         sizes=BufferSizes(d.und_len, d.gen_len, d.vit_len, d.max_segments),
-        image_size=d.image_size, pixel_downsample=m.pixel_downsample,
+        image_size=d.image_size, autoencoder=m.autoencoder, pixel_downsample=m.pixel_downsample,
         latent_patch_size=m.latent_patch_size, latent_grid=m.max_latent_grid,
         vit_patch_size=m.vit.patch_size, vit_enabled=bool(m.vit.enabled), task_weights=weights,
         precontext_split_prob=d.precontext_split_prob, text_cond_dropout=d.text_cond_dropout,
         vit_cond_dropout=d.vit_cond_dropout, vae_cond_dropout=d.vae_cond_dropout,
         use_vit_context=bool(d.use_vit_context),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedFrame:
+  """A keyframe whose VAE latents come from the latent cache (``latent_cache.py``)."""
+
+  tokens: np.ndarray  # [h*w, D] BAGEL-patchified, FLUX-normalised latents
+  h: int
+  w: int
+  pixels: np.ndarray  # uint8 [H, W, 3], for the ViT copy
+
+
+def frames_of(record: dict[str, Any], autoencoder: str) -> list:
+  """The record's keyframes as the planner takes them: images, or :class:`CachedFrame` for a VAE."""
+  if autoencoder == "pixel":
+    return record["keyframes"]
+  if "latents" not in record:
+    raise ConfigError("config.model.autoencoder='flux_vae' needs records with cached latents "
+                      "(data_pipelines.latent_cache; tools/cache_latents.py)")
+  lat = record["latents"]
+  return [CachedFrame(np.asarray(t, np.float32), int(lat["h"]), int(lat["w"]), px)
+          for t, px in zip(lat["tokens"], record["keyframes"])]
 
 
 @dataclasses.dataclass
@@ -155,12 +179,16 @@ class Planner:
     ids += [self.tok.im_end] if close else []
     return TextSegment(np.asarray(ids, np.int32), train=train)
 
-  def _image(self, image: np.ndarray, noised: bool) -> ImageSegment:
+  def _image(self, frame, noised: bool) -> ImageSegment:
     c = self.cfg
-    tokens, h, w = image_to_tokens(resize(image, c.image_size), c.pixel_downsample, c.latent_patch_size)
+    if isinstance(frame, CachedFrame):
+      tokens, h, w = frame.tokens, frame.h, frame.w
+    else:
+      tokens, h, w = image_to_tokens(resize(frame, c.image_size), c.pixel_downsample, c.latent_patch_size)
     return ImageSegment(tokens, h, w, noised, self.tok.vision_start, self.tok.vision_end)  # [h*w, D]
 
-  def _vit(self, image: np.ndarray) -> VitSegment:
+  def _vit(self, frame) -> VitSegment:
+    image = frame.pixels if isinstance(frame, CachedFrame) else frame
     patches, h, w = vit_patches(resize(image, self.cfg.image_size), self.cfg.vit_patch_size)
     return VitSegment(patches, h, w, self.tok.vision_start, self.tok.vision_end)
 
@@ -178,7 +206,7 @@ class Planner:
       p = np.asarray(weights) / np.sum(weights)
       task = names[int(rng.choice(len(names), p=p))]
     script: Script = record["script"]
-    frames = record["keyframes"]
+    frames = frames_of(record, self.cfg.autoencoder)
     if task != "script" and len(frames) != len(script.shots):
       raise ValueError(f"story {record['story_id']}: {len(frames)} keyframes for {len(script.shots)} shots")
     self._cache: dict[str, list[int]] = {}

@@ -99,8 +99,18 @@ def test_every_variant_fits_alone():
       assert u <= sizes.und_len and g <= sizes.gen_len and n <= sizes.vit_len and s <= sizes.max_segments
 
 
-def test_vae_configs_are_refused_clearly():
+def test_vae_configs_plan_from_cached_latents_only():
+  """A flux_vae config takes keyframe tokens from the latent cache; a record without them is a
+  clear error (the pixel codec is never silently used for a VAE model)."""
   from configs import mot_1b
+  from data_pipelines.sequence_plan import CachedFrame, frames_of
   from unimage_jax.config_validation import ConfigError
-  with pytest.raises(ConfigError, match="pixel codec only"):
-    PlanConfig.from_config(mot_1b.get_config())
+  cfg = PlanConfig.from_config(mot_1b.get_config())
+  assert cfg.autoencoder == "flux_vae"
+  record = _record(0)
+  with pytest.raises(ConfigError, match="cached latents"):
+    frames_of(record, "flux_vae")
+  k = len(record["keyframes"])
+  record["latents"] = {"tokens": np.ones((k, 4, 64), np.float32), "h": 2, "w": 2}
+  frames = frames_of(record, "flux_vae")
+  assert len(frames) == k and isinstance(frames[0], CachedFrame) and frames[0].tokens.shape == (4, 64)

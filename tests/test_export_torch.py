@@ -152,3 +152,30 @@ def test_bf16_export_and_orbax_checkpoint_path(tiny_config, tmp_path):
   valid = batch["und_segment_kinds"] != layout.KIND_PAD
   err = np.abs(t_logits.numpy()[valid] - logits[valid]).max() / np.abs(logits[valid]).max()
   assert err < 0.05, err
+
+
+def test_default_export_is_one_ema_safetensors_beside_a_vae(tiny_config, tmp_path):
+  """BAGEL's loaders read ``<folder>/ema.safetensors`` and its release keeps ``ae.safetensors``
+  (the VAE) beside it: the default export is that one file, and readers skip the VAE's."""
+  from safetensors.numpy import save_file
+
+  cfg = _config(tiny_config)
+  m = cfg.model
+  params, tables = perturbed_params(m, seed=4)
+  ckpt = str(tmp_path / "run" / "checkpoints")
+  orbax_io.save_params(ckpt, 2, params, tables, cfg)
+  out = str(tmp_path / "export")
+  step, names = export.export_checkpoint_step(str(tmp_path / "run"), out)  # a workdir resolves
+  assert (step, names) == (2, ["ema.safetensors"])
+  assert sorted(os.listdir(out)) == ["ema.safetensors", "llm_config.json", "unimage_config.json",
+                                     "vae_config.json", "vit_config.json"]
+  save_file({"encoder.conv_in.weight": np.zeros((4, 3, 3, 3), np.float32)}, os.path.join(out, "ae.safetensors"))
+  reader = safetensors_io.SafetensorsReader(out)
+  assert reader.keys() == set(dict(keymap.export_tensors(params, tables, m)))
+  llm = json.load(open(os.path.join(out, "llm_config.json")))
+  del llm["qk_norm"]  # a BAGEL release's llm_config.json: q/k norms are BAGEL's default
+  json.dump(llm, open(os.path.join(out, "llm_config.json"), "w"))
+  model = load_exported(out)  # strict: an ae.safetensors key, or q/k norms left out, would fail
+  np.testing.assert_array_equal(model.llm2vae.weight.detach().numpy(), params["llm2vae"]["kernel"].T)
+  with pytest.raises(export.NoEmaError, match="saved no EMA"):
+    export.export_checkpoint_step(str(tmp_path / "run"), str(tmp_path / "ema"), use_ema=True)

@@ -98,7 +98,7 @@ def test_bagel_import_lists_missing_unexpected_and_wrong_shape(tiny_config, tmp_
   for f in files:
     state.update(load_file(os.path.join(out, f)))
     os.remove(os.path.join(out, f))
-  os.remove(os.path.join(out, safetensors_io.INDEX_NAME))
+  assert files == ["ema.safetensors"]  # the default export is BAGEL's single file, no index
   del state["llm2vae.bias"]
   state["not_ours.weight"] = np.zeros(2, np.float32)
   state["language_model.model.layers.0.mlp_moe_gen.gate_proj.weight"] = np.zeros((3, 3), np.float32)
@@ -144,20 +144,91 @@ def test_cli_orbax_export_import_round_trip(tiny_config, tmp_path):
   assert not os.path.exists(tmp_path / "bad")  # a failed import leaves nothing behind
 
 
+def _release_folder(m, tmp_path, seed=2, name="bagel"):
+  """Our export stripped to what a BAGEL release holds: llm/vit JSONs (no qk_norm), ema.safetensors."""
+  import json
+
+  params, tables = functional.init_params(m, seed)
+  out = str(tmp_path / name)
+  export.export_params(params, tables, m, out)
+  assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == ["ema.safetensors"]
+  for n in ("unimage_config.json", "vae_config.json"):
+    os.remove(os.path.join(out, n))
+  llm = json.load(open(os.path.join(out, "llm_config.json")))
+  del llm["qk_norm"]  # BAGEL's loaders set it themselves; the release file need not say it
+  json.dump(llm, open(os.path.join(out, "llm_config.json"), "w"))
+  return params, tables, out
+
+
 def test_bagel_release_layout_without_our_config(tiny_config, tmp_path):
-  """BAGEL's release has llm/vit JSONs only (27 SigLIP layers named, 26 kept; no VAE config)."""
+  """BAGEL's release has llm/vit JSONs only (depth + 1 SigLIP layers named; no VAE config, no
+  qk_norm): the shapes come from the tensors, q/k norms are on, the last ViT layer is kept."""
   import json
 
   m = tiny_config.model
   m.update(latent_channels=16, autoencoder="flux_vae", max_latent_grid=4)
-  params, tables = functional.init_params(m, 2)
-  out = str(tmp_path / "bagel")
-  export.export_params(params, tables, m, out)
-  for name in ("unimage_config.json", "vae_config.json"):
-    os.remove(os.path.join(out, name))
-  vit = json.load(open(os.path.join(out, "vit_config.json")))
-  vit["num_hidden_layers"] += 1
-  json.dump(vit, open(os.path.join(out, "vit_config.json"), "w"))
+  params, tables, out = _release_folder(m, tmp_path)
+  assert json.load(open(os.path.join(out, "vit_config.json")))["num_hidden_layers"] == m.vit.num_layers + 1
   p2, t2, cfg = importers.import_bagel(out)
-  assert (cfg.latent_channels, cfg.autoencoder, cfg.max_latent_grid, cfg.vit.num_layers) == (16, "flux_vae", 4, 1)
+  assert (cfg.latent_channels, cfg.autoencoder, cfg.max_latent_grid, cfg.vit.num_layers, cfg.qk_norm) == (
+      16, "flux_vae", 4, m.vit.num_layers, True)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, p2)
+  # the JSONs alone (no tensors consulted) follow BAGEL's conventions too
+  from unimage_jax.interchange import hf_configs
+  from_json = hf_configs.model_config_from_dir(out)
+  assert from_json.qk_norm and from_json.vit.num_layers == m.vit.num_layers
+
+
+def test_cli_imports_a_release_folder_and_config_only_adds_training_fields(tiny_config, tmp_path):
+  """--config supplies training fields; the shape is the folder's; contradictions are listed."""
+  m = tiny_config.model
+  params, tables, out = _release_folder(m, tmp_path, seed=5)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  back = str(tmp_path / "back")
+  subprocess.run([sys.executable, "tools/import_checkpoint.py", "--format=bagel", f"--source={out}",
+                  "--config=tests/micro_config.py", "--config.train.steps=7", "--config.model.remat_policy=full",
+                  f"--output={back}"], cwd=REPO, env=env, check=True, capture_output=True, text=True)
+  p2, t2, cfg2 = orbax_io.restore_params(back)
+  assert cfg2.train.steps == 7 and cfg2.model.remat_policy == "full"  # training / run fields: --config
+  for f in importers.ARCHITECTURE_FIELDS:
+    assert cfg2.model[f] == m[f], f
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, p2)
+  # a --config whose shape contradicts the checkpoint is refused with every differing field
+  bad = subprocess.run([sys.executable, "tools/import_checkpoint.py", "--format=bagel", f"--source={out}",
+                        "--config=tests/micro_config.py", "--config.model.mlp_dim=96",
+                        "--config.model.vit.num_layers=3", f"--output={tmp_path / 'bad'}"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+  assert_user_error(bad, "import_checkpoint.py", "config.model.mlp_dim=96 but the checkpoint has",
+                    f"config.model.vit.num_layers=3 but the checkpoint has {m.vit.num_layers}")
+  assert not os.path.exists(tmp_path / "bad")
+
+
+def test_bagel_stock_vit_loader_builds_every_exported_layer(tiny_config, tmp_path):
+  """BAGEL builds ``SiglipVisionModel`` from vit_config.json with ``num_hidden_layers - 1``: every
+  exported ViT tensor must then load strictly (the last layer is not dropped)."""
+  m = tiny_config.model
+  params, tables = functional.init_params(m, 0)
+  out = str(tmp_path / "export")
+  export.export_params(params, tables, m, out)
+  vit_cfg = transformers.SiglipVisionConfig.from_json_file(os.path.join(out, "vit_config.json"))
+  vit_cfg.num_hidden_layers -= 1  # what BAGEL's app.py / inferencer do
+  model = transformers.SiglipVisionModel(vit_cfg)
+  reader = safetensors_io.SafetensorsReader(out)
+  # BAGEL's keys are vit_model.vision_model.*; transformers 5.x names the module's keys without
+  # the vision_model. prefix
+  bare = not any(k.startswith("vision_model.") for k in model.state_dict())
+  state = {}
+  for k in reader.keys():
+    if k.startswith("vit_model."):
+      v = torch.from_numpy(np.array(reader[k]))
+      if k.endswith("patch_embedding.weight"):  # BAGEL's Linear over (p, p, c) -> the stock conv
+        p = vit_cfg.patch_size
+        v = v.reshape(v.shape[0], p, p, 3).permute(0, 3, 1, 2)
+      k = k.removeprefix("vit_model.")
+      state[k.removeprefix("vision_model.") if bare else k] = v
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  assert not unexpected, unexpected
+  assert all("position_ids" in k or k.removeprefix("vision_model.").startswith("head.") for k in missing), missing
+  tower = getattr(model, "vision_model", model)
+  assert len(tower.encoder.layers) == m.vit.num_layers
+  assert any(".layers.0.mlp.fc1.weight" in k for k in state)

@@ -1,7 +1,10 @@
 """Foreign weights -> an Orbax checkpoint the trainer restores (``params`` + ``tables`` + config.json).
 
-  # our export or BAGEL's own release (config from its llm/vit/vae JSONs unless --config is given)
+  # our export or BAGEL's own release: the model's shape comes from the folder (JSONs, then the
+  # tensors); --config adds training fields and refuses, with a list, any shape it contradicts
   python tools/import_checkpoint.py --format=bagel --source=exports/tiny --output=runs/imported
+  python tools/import_checkpoint.py --format=bagel --source=/ckpt/BAGEL-7B-MoT \
+      --config=configs/bagel_7b.py:stage2 --output=runs/bagel_imported
   # a Qwen2/Qwen2.5 LLM (und expert, copied into gen), optionally with SigLIP vision weights
   python tools/import_checkpoint.py --format=qwen2 --source=/ckpt/Qwen2.5-0.5B --config=configs/mot_1b.py \
       --siglip=/ckpt/siglip-so400m-14-980 --output=runs/from_qwen
@@ -35,14 +38,18 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output
 
 
 def _config_for_bagel():
+  """The model is what the source folder says (its JSONs, then its tensors' shapes); ``--config``
+  supplies the training fields and how the model runs, and may not contradict its shape."""
   from unimage_jax.config_base import base_config
-  from unimage_jax.interchange import hf_configs
+  from unimage_jax.interchange import importers
 
-  source_dir = _SOURCE.value if os.path.isdir(_SOURCE.value) else os.path.dirname(_SOURCE.value)
-  config = _CONFIG.value if _CONFIG.value is not None else base_config()
-  model = hf_configs.model_config_from_dir(source_dir, config.model)
-  config.model.update(model.to_dict())
-  return config
+  if _CONFIG.value is None:
+    config = base_config()
+    model = importers.bagel_model_config(_SOURCE.value, config.model)
+    config.model = model
+    return config
+  model = importers.bagel_model_config(_SOURCE.value, _CONFIG.value.model)
+  return importers.config_for_checkpoint(_CONFIG.value, model, _SOURCE.value)
 
 
 def _import(output: str):

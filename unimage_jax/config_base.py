@@ -36,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.pixel_downsample = 4
   m.latent_channels = 48  # 16 for the FLUX VAE; 3 * pixel_downsample**2 for the pixel path
   m.latent_patch_size = 2
+  # flux_vae: the VAE weights (tools/import_checkpoint.py --format=vae output, a FLUX ae.safetensors
+  # or a diffusers vae folder) and its downsampling (2 ** (levels - 1); FLUX: 8)
+  m.vae_path = ""
+  m.vae_downsample = 8
   m.max_latent_grid = 8  # G: latent_pos_embed has G*G entries
   m.timestep_shift = 1.0  # s in shift(t) = s t / (1 + (s - 1) t)
   m.flow_prediction = "velocity"  # velocity (BAGEL) | x0: the gen head predicts the clean latent
@@ -58,7 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.dataset_config = ""  # built TFDS config to read ("" = the only one under data_dir/dataset)
   d.num_stories = 1000  # StoryWorld stories built by data_pipelines.pipeline.ensure_dataset
   d.data_dir = "artifacts/data"
-  d.tokenizer_path = "artifacts/tokenizer/spm.model"
+  d.tokenizer_path = "artifacts/tokenizer/spm.model"  # a SentencePiece .model, or an HF tokenizer.json / folder
+  # flux_vae: keyframe latents come from an offline cache (tools/cache_latents.py; built on first
+  # use); "" = <data_dir>/../latents
+  d.latent_cache_dir = ""
   d.image_size = 32
   d.batch_size = 8  # global packed rows per step
   d.und_len = 512  # Lu

@@ -89,10 +89,11 @@ def _data_errors(c: ml_collections.ConfigDict) -> list[str]:
                   "(ViT tokens occupy und-buffer slots)")
   if d.vit_len > 0 and not m.vit.enabled:
     errors.append(f"config.data.vit_len={d.vit_len} needs config.model.vit.enabled=True")
-  if m.autoencoder == "pixel" and d.image_size > 0:
-    stride = m.pixel_downsample * m.latent_patch_size
+  if m.autoencoder in AUTOENCODERS and d.image_size > 0:
+    stride = latent_downsample(m) * m.latent_patch_size
     if d.image_size % stride:
-      errors.append(f"config.data.image_size={d.image_size} must be divisible by pixel_downsample * "
+      down = "pixel_downsample" if m.autoencoder == "pixel" else "vae_downsample"
+      errors.append(f"config.data.image_size={d.image_size} must be divisible by {down} * "
                     f"latent_patch_size = {stride}")
     elif d.image_size // stride > m.max_latent_grid:
       errors.append(f"config.data.image_size={d.image_size} gives a {d.image_size // stride}-patch latent "
@@ -155,11 +156,15 @@ INFERENCE_MODES = ("auto", "interleaved", "disentangled")
 RENORM_TYPES = ("global", "channel", "text_channel")
 
 
+def latent_downsample(m: ml_collections.ConfigDict) -> int:
+  """Pixels per latent cell: the pixel codec's fold, or the VAE's (FLUX: 8)."""
+  return m.pixel_downsample if m.autoencoder == "pixel" else m.get("vae_downsample", 8)  # older configs: FLUX
+
+
 def image_tokens(c: ml_collections.ConfigDict) -> int:
   """Cache slots one keyframe takes: its latent tokens plus the two vision markers."""
   m = c.model
-  down = m.pixel_downsample if m.autoencoder == "pixel" else 8  # the FLUX VAE downsamples 8x
-  side = c.data.image_size // (down * m.latent_patch_size)
+  side = c.data.image_size // (latent_downsample(m) * m.latent_patch_size)
   return side * side + 2
 
 

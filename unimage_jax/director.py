@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from data_pipelines.sequence_plan import encode_lines, resize
+from data_pipelines.sequence_plan import encode_lines, resize, vit_patches
 from unimage_jax import layout, pixel_codec, script_schema
 from unimage_jax.config_validation import ConfigError, validate_inference
 from unimage_jax.errors import UserError
@@ -38,7 +38,9 @@ from unimage_jax.inference.script_repair import UnrepairableScriptError, parse_o
 from unimage_jax.interchange import orbax_io
 from unimage_jax.model import functional
 from unimage_jax.script_schema import Script
+from unimage_jax import tokenizer as tokenizer_lib
 from unimage_jax.tokenizer import Tokenizer
+from unimage_jax.vae import store
 
 MODES = ("auto", "interleaved", "disentangled")
 
@@ -59,11 +61,24 @@ class Storyboard:
 
 
 def _find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
-  for path in (os.path.join(workdir, "tokenizer.model"), config.data.tokenizer_path):
-    if path and os.path.exists(path):
+  """The run's own copy (``tokenizer.model`` or ``tokenizer.json``, as the trainer wrote it), else
+  ``config.data.tokenizer_path``."""
+  own = os.path.join(workdir, tokenizer_lib.workdir_copy_name(config.data.tokenizer_path))
+  for path in (own, config.data.tokenizer_path):
+    if path and os.path.exists(tokenizer_lib.tokenizer_file(path)):
       return path
-  raise DirectorError(f"no tokenizer: neither {workdir}/tokenizer.model nor config.data.tokenizer_path="
+  raise DirectorError(f"no tokenizer: neither {own} nor config.data.tokenizer_path="
                       f"{config.data.tokenizer_path!r} exists")
+
+
+def _load_vae(config: ml_collections.ConfigDict):
+  """The config's VAE for decoding keyframes (and encoding continuation / reference images)."""
+  try:
+    vae = store.load_vae(config.model.vae_path)
+    store.check_matches(vae.config, config.model, config.data.image_size)
+  except UserError as e:
+    raise DirectorError(str(e)) from None
+  return vae
 
 
 class Director:
@@ -71,18 +86,23 @@ class Director:
 
   step: int | None = None  # the checkpoint step, when loaded from one
 
-  def __init__(self, config: ml_collections.ConfigDict, params, tables, tokenizer: Tokenizer):
+  def __init__(self, config: ml_collections.ConfigDict, params, tables, tokenizer: Tokenizer, vae=None):
     self.config = config
     self.inf = config.inference
     self.tok = tokenizer
     m = config.model
     self.engine = Engine(functional.model_def(m), params, tables, m)
-    self.patch, self.down = m.latent_patch_size, m.pixel_downsample
+    self.patch = m.latent_patch_size
+    self.down = m.pixel_downsample if m.autoencoder == "pixel" else m.get("vae_downsample", 8)
     self.image_size = config.data.image_size
     self.grid = self.image_size // (self.down * self.patch)  # latent patches per side
-    if m.autoencoder != "pixel":
-      raise DirectorError("this director decodes with the pixel codec; config.model.autoencoder="
-                          f"{m.autoencoder!r} needs the VAE decoder (unimage_jax.vae)")
+    self.codec = None  # flux_vae: the VAE's jitted encoder/decoder; pixel: the exact codec
+    if m.autoencoder == "flux_vae":
+      self.codec = store.Codec(vae if vae is not None else _load_vae(config), self.patch, batch=1)
+    elif m.autoencoder != "pixel":
+      raise DirectorError(f"config.model.autoencoder={m.autoencoder!r} must be 'pixel' or 'flux_vae'")
+    # understanding copies of context keyframes through the ViT, as the keyframe task trained them
+    self.use_vit = bool(config.data.use_vit_context) and bool(m.vit.enabled)
 
   @classmethod
   def from_checkpoint(cls, workdir: str, *, step: int | None = None, use_ema: bool = True) -> "Director":
@@ -96,7 +116,10 @@ class Director:
     if "inference" not in config:
       from unimage_jax.config_base import base_config
       config.inference = base_config().inference
-    tok = Tokenizer(_find_tokenizer(workdir, config), max_vocab_size=config.model.vocab_size)
+    try:
+      tok = tokenizer_lib.load_tokenizer(_find_tokenizer(workdir, config), max_vocab_size=config.model.vocab_size)
+    except ValueError as e:
+      raise DirectorError(str(e)) from None
     director = cls(config, loaded.params, loaded.tables, tok)
     director.step = loaded.step
     return director
@@ -119,11 +142,29 @@ class Director:
     return layout.ImageSegment(tokens, self.grid, self.grid, noised, self.tok.vision_start, self.tok.vision_end)
 
   def _encode(self, image: np.ndarray) -> np.ndarray:
-    tokens, _, _ = pixel_codec.image_to_tokens(resize(image, self.image_size), self.down, self.patch)
+    """uint8 image -> latent tokens ``[grid*grid, D]`` (the VAE encoder, or the pixel codec)."""
+    image = resize(image, self.image_size)
+    if self.codec is not None:
+      return self.codec.encode(image[None])[0]
+    tokens, _, _ = pixel_codec.image_to_tokens(image, self.down, self.patch)
     return tokens
 
   def _decode(self, tokens) -> np.ndarray:
+    """Latent tokens -> uint8 image (the VAE decoder, or the pixel codec)."""
+    if self.codec is not None:
+      return self.codec.decode(np.asarray(tokens, np.float32)[None], self.grid, self.grid)[0]
     return pixel_codec.tokens_to_image(np.asarray(tokens), self.grid, self.grid, self.down, self.patch)
+
+  def _context_image(self, image: np.ndarray, latents=None) -> list:
+    """An earlier keyframe as context: its ViT copy (when the config reads images through the ViT)
+    and its clean latents (``latents`` when just sampled, else encoded), the keyframe task's
+    ``[ViT kf] [clean kf]``."""
+    segs = []
+    if self.use_vit:
+      patches, h, w = vit_patches(resize(image, self.image_size), self.config.model.vit.patch_size)
+      segs.append(layout.VitSegment(patches, h, w, self.tok.vision_start, self.tok.vision_end))
+    tokens = self._encode(image) if latents is None else latents
+    return segs + [self._image_segment(tokens, False)]
 
   def check_settings(self, prefix: str = "config.inference.") -> None:
     """The sampling settings (after any ``--set``), before anything is compiled or sampled."""
@@ -186,16 +227,16 @@ class Director:
     base, _ = self.engine.prefill(base, [[script_text], [], [script_text]][:rows])
     images = list(earlier)
     for img in earlier:
-      clean = self._image_segment(self._encode(img), False)
-      base, _ = self.engine.prefill(base, [[clean], [clean], []][:rows])
+      ctx_img = self._context_image(img)
+      base, _ = self.engine.prefill(base, [ctx_img, ctx_img, []][:rows])
     for k in range(len(earlier) + 1, len(script.shots) + 1):
       frame = self._text([script_schema.frame_line(script, k)])
       ctx, _ = self.engine.prefill(base, [[frame], [], [frame]][:rows])
       rng, key = jax.random.split(rng)
       latents = self._sample_keyframe(ctx, key, rows)
       images.append(self._decode(latents))
-      clean = self._image_segment(latents, False)
-      base, _ = self.engine.prefill(base, [[clean], [clean], []][:rows])
+      ctx_img = self._context_image(images[-1], latents)
+      base, _ = self.engine.prefill(base, [ctx_img, ctx_img, []][:rows])
     return images
 
   def _draw_interleaved(self, script: Script, rng, earlier: list[np.ndarray]) -> list[np.ndarray]:

@@ -1,8 +1,17 @@
-"""SentencePiece tokenizer with the script's ID tags and control tokens as single symbols.
+"""The project's one tokenizer interface: a SentencePiece ``.model`` or an HF ``tokenizer.json``.
 
-Why user-defined symbols: ID prompting (DESIGN.md section 2) only works if ``<Character2>`` is one
-token everywhere, never split by the subword model; the same holds for ``<|im_start|>`` and the
-image markers that the packer writes around every image.
+:func:`load_tokenizer` picks by ``config.data.tokenizer_path``: a ``.model`` file is a
+SentencePiece model (:class:`Tokenizer`, trained here with the script symbols as user-defined
+symbols); a ``tokenizer.json`` file, or a folder holding one (a Qwen2/BAGEL checkpoint folder), is
+an HF tokenizer (``interchange.hf_tokenizer.HFTokenizer``; the symbols it lacks are appended as
+special tokens, as BAGEL's ``add_special_tokens`` does). Both expose ``encode``/``decode``/
+``vocab_size``/``special_ids`` and the control ids ``im_start``/``im_end``/``vision_start``/
+``vision_end``.
+
+Why single symbols: ID prompting (DESIGN.md section 2) only works if ``<Character2>`` is one
+token everywhere, never split by the subword model; the same holds for ``<|im_start|>``, the cue
+brackets and the image markers that the packer writes around every image. :func:`check_symbols`
+verifies it for whichever tokenizer was loaded.
 """
 
 from __future__ import annotations
@@ -70,6 +79,62 @@ class Tokenizer:
 
   def __setstate__(self, state):
     self.__init__(state["model_path"])
+
+
+def is_hf_tokenizer(path: str) -> bool:
+  """A ``.model`` file is SentencePiece; anything else (a ``tokenizer.json``, or a folder holding
+  one, such as a Qwen2 checkpoint) is an HF tokenizer."""
+  return not path.endswith(".model")
+
+
+def tokenizer_file(path: str) -> str:
+  """The one file that holds the tokenizer (``<folder>/tokenizer.json`` for a folder)."""
+  return path if not is_hf_tokenizer(path) or path.endswith(".json") else os.path.join(path, "tokenizer.json")
+
+
+def workdir_copy_name(path: str) -> str:
+  """Name of the run's own copy of its tokenizer (``tokenizer.model`` or ``tokenizer.json``)."""
+  return "tokenizer.json" if is_hf_tokenizer(path) else "tokenizer.model"
+
+
+def check_symbols(tok, path: str) -> None:
+  """Every control token, cue bracket and ID tag encodes to exactly its own one id."""
+  for sym in user_symbols():
+    ids = tok.encode(sym)
+    if sym not in tok.special_ids or ids != [tok.special_ids[sym]]:
+      raise ValueError(f"tokenizer {path} splits {sym!r} into {ids}; script symbols must be single tokens "
+                       "(retrain it with tools/train_tokenizer.py)")
+
+
+def load_tokenizer(path: str, max_vocab_size: int | None = None):
+  """SentencePiece :class:`Tokenizer` or ``HFTokenizer`` for ``path`` (see the module docstring).
+
+  Raises FileNotFoundError (naming ``config.data.tokenizer_path``) when nothing is there, and
+  ValueError when the vocabulary exceeds ``max_vocab_size`` or a script symbol is not one token.
+  """
+  if is_hf_tokenizer(path):
+    if not os.path.exists(tokenizer_file(path)):
+      raise FileNotFoundError(f"tokenizer not found: {tokenizer_file(path)} (config.data.tokenizer_path); "
+                              "train one with tools/train_tokenizer.py --format=hf")
+    from unimage_jax.interchange.hf_tokenizer import HFTokenizer
+    syms = [s for s in user_symbols() if s not in CONTROL_TOKENS]
+    tok = HFTokenizer(path, extra_special_tokens=syms, max_vocab_size=max_vocab_size)
+  else:
+    tok = Tokenizer(path, max_vocab_size)
+  check_symbols(tok, path)
+  return tok
+
+
+def train_any_tokenizer(texts: Sequence[str], path: str, vocab_size: int) -> str:
+  """Trains the kind of tokenizer ``path`` names (``.model``: SentencePiece; ``.json`` or a folder:
+  HF byte-level BPE) with every script symbol as one token; returns the written file."""
+  if is_hf_tokenizer(path):
+    from unimage_jax.interchange.hf_tokenizer import train_hf_tokenizer
+    return train_hf_tokenizer(texts, path, vocab_size, special_tokens=user_symbols())
+  written = train_tokenizer(texts, path[: -len(".model")], vocab_size)
+  if written != path:
+    os.replace(written, path)
+  return path
 
 
 def train_tokenizer(texts: Sequence[str], model_prefix: str, vocab_size: int = 1024) -> str:

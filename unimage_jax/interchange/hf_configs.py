@@ -4,6 +4,11 @@ BAGEL ships ``llm_config.json`` (a Qwen2 config plus ``qk_norm`` and the MoT lay
 ``vit_config.json`` (a SigLIP vision config); we add ``vae_config.json`` (latent space and grid)
 and ``unimage_config.json`` (our whole ``model`` sub-config, so our own round trip is exact).
 The PyTorch serving module reads only the first three, so it needs neither JAX nor ml_collections.
+
+BAGEL's conventions, which its stock loaders apply when they read these files (and so must we):
+``vit_config.json``'s ``num_hidden_layers`` is the SigLIP depth *plus one* (the loaders build
+``num_hidden_layers - 1`` layers: BAGEL reads features before SigLIP's last layer), and q/k norms
+are always on (the loaders force ``qk_norm = True``; a release ``llm_config.json`` may not say it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ VAE_CONFIG = "vae_config.json"
 UNIMAGE_CONFIG = "unimage_config.json"
 
 FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
+# ``vit_config.json`` names one SigLIP layer more than the model keeps (BAGEL's loaders drop it).
+BAGEL_VIT_LAYER_OFFSET = 1
 
 
 def llm_config(m: ml_collections.ConfigDict, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -54,7 +61,7 @@ def vit_config(m: ml_collections.ConfigDict, torch_dtype: str = "float32") -> di
       "model_type": "siglip_vision_model",
       "hidden_size": v.hidden_size,
       "intermediate_size": v.mlp_dim,
-      "num_hidden_layers": v.num_layers,
+      "num_hidden_layers": v.num_layers + BAGEL_VIT_LAYER_OFFSET,  # BAGEL's loaders build n - 1
       "num_attention_heads": v.num_heads,
       "num_channels": 3,
       "patch_size": v.patch_size,
@@ -72,7 +79,7 @@ def vae_config(m: ml_collections.ConfigDict) -> dict[str, Any]:
   return {
       "autoencoder": m.autoencoder,
       "latent_channels": m.latent_channels,
-      "downsample": 8 if flux else m.pixel_downsample,
+      "downsample": m.get("vae_downsample", 8) if flux else m.pixel_downsample,
       "scale_factor": FLUX_SCALE if flux else 1.0,
       "shift_factor": FLUX_SHIFT if flux else 0.0,
       "latent_patch_size": m.latent_patch_size,
@@ -107,7 +114,8 @@ def read_json(directory: str, name: str) -> dict[str, Any] | None:
 
 
 def llm_overrides(llm: dict[str, Any]) -> dict[str, Any]:
-  """Our ``model.*`` fields from a Qwen2 (or BAGEL llm) config dict; absent ``qk_norm`` means off."""
+  """Our ``model.*`` fields from a Qwen2 (or BAGEL llm) config dict; absent ``qk_norm`` means on
+  (BAGEL's behaviour: its loaders set it whatever the file says)."""
   heads = llm["num_attention_heads"]
   return {
       "vocab_size": llm["vocab_size"],
@@ -119,17 +127,17 @@ def llm_overrides(llm: dict[str, Any]) -> dict[str, Any]:
       "head_dim": llm.get("head_dim") or llm["hidden_size"] // heads,
       "rope_theta": float(llm.get("rope_theta", (llm.get("rope_parameters") or {}).get("rope_theta", 1e4))),
       "rms_norm_eps": float(llm.get("rms_norm_eps", 1e-6)),
-      "qk_norm": bool(llm.get("qk_norm", False)),
+      "qk_norm": bool(llm.get("qk_norm", True)),
   }
 
 
 def vit_overrides(vit: dict[str, Any]) -> dict[str, Any]:
-  """Our ``model.vit.*`` fields from a SigLIP vision config dict."""
+  """Our ``model.vit.*`` fields from a BAGEL ``vit_config.json`` (kept depth = ``num_hidden_layers - 1``)."""
   return {
       "enabled": True,
       "hidden_size": vit["hidden_size"],
       "mlp_dim": vit["intermediate_size"],
-      "num_layers": vit["num_hidden_layers"],
+      "num_layers": vit["num_hidden_layers"] - BAGEL_VIT_LAYER_OFFSET,
       "num_heads": vit["num_attention_heads"],
       "patch_size": vit["patch_size"],
       "max_patches_per_side": vit["image_size"] // vit["patch_size"],
@@ -167,4 +175,6 @@ def model_config_from_dir(directory: str, base: ml_collections.ConfigDict | None
              flow_prediction=vae.get("flow_prediction", "velocity"))
     if vae["autoencoder"] == "pixel":
       m.pixel_downsample = vae["downsample"]
+    else:
+      m.vae_downsample = vae["downsample"]
   return m

@@ -22,7 +22,7 @@ CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_en
 
 
 def _tokenizer_file(path: str) -> str:
-  if os.path.isdir(path):
+  if os.path.isdir(path) or not path.endswith(".json"):
     path = os.path.join(path, "tokenizer.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"HF tokenizer not found: {path} (a tokenizer.json or a folder holding one)")
@@ -78,3 +78,29 @@ class HFTokenizer:
 
   def __setstate__(self, state):
     self.__init__(state["path"], *state["args"])
+
+
+def train_hf_tokenizer(texts: Sequence[str], path: str, vocab_size: int = 1024,
+                       special_tokens: Sequence[str] = ()) -> str:
+  """Trains a Qwen2-style byte-level BPE ``tokenizer.json`` on ``texts``; returns its path.
+
+  Why: the HF path (what a BAGEL/Qwen2 checkpoint brings) must run in tests and tiny configs with
+  no download. Digits are split one by one and bytes are the base alphabet, as in Qwen2, so every
+  string encodes; ``special_tokens`` (the control tokens, cue brackets and ID tags) get ids
+  right after ``<|endoftext|>``, before the merges. ``path`` is a ``.json`` file or a folder.
+  """
+  target = os.path.join(path, "tokenizer.json") if not path.endswith(".json") else path
+  os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+      tokenizers.pre_tokenizers.Digits(individual_digits=True),
+      tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  specials = ["<|endoftext|>"] + [t for t in special_tokens if t != "<|endoftext|>"]
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(list(texts), trainer)
+  tmp = target + ".tmp"
+  tok.save(tmp)
+  os.replace(tmp, target)  # never a half-written tokenizer.json
+  return target

@@ -65,46 +65,133 @@ def import_bagel(path: str, model_cfg: ml_collections.ConfigDict | None = None, 
                  allow_unexpected: bool = False) -> tuple[PyTree, PyTree, ml_collections.ConfigDict]:
   """BAGEL-layout safetensors (our export, or BAGEL's own ``ema.safetensors``) -> (params, tables, cfg).
 
-  ``path`` is a directory (sharded with an index, or plain ``*.safetensors``) or one file. The model
-  config defaults to the directory's JSONs (``hf_configs.model_config_from_dir``).
+  ``path`` is a directory (``ema.safetensors``, shards with an index, or plain ``*.safetensors``;
+  a release's ``ae.safetensors`` is not model weights) or one file. The model config defaults to
+  :func:`bagel_model_config`: the directory's JSONs, with what the tensors say winning.
   """
   from unimage_jax.model import functional
 
-  directory = path if os.path.isdir(path) else os.path.dirname(path)
   reader = SafetensorsReader(path)
-  if model_cfg is not None:
-    cfg = model_cfg
-  else:
-    cfg = hf_configs.model_config_from_dir(directory)
-    if hf_configs.read_json(directory, hf_configs.UNIMAGE_CONFIG) is None:
-      cfg = infer_image_config(cfg, reader)
+  cfg = model_cfg if model_cfg is not None else bagel_model_config(path, reader=reader)
   abstract = functional.abstract_params(cfg)
   params, tables = keymap.import_tensors(reader.__getitem__, reader.keys(), *abstract, cfg,
                                          allow_unexpected=allow_unexpected)
   return params, tables, cfg
 
 
-def infer_image_config(cfg: ml_collections.ConfigDict, reader: SafetensorsReader) -> ml_collections.ConfigDict:
-  """Fills what BAGEL's release JSONs do not state from the tensors themselves.
+def bagel_model_config(path: str, base: ml_collections.ConfigDict | None = None, *,
+                       reader: SafetensorsReader | None = None) -> ml_collections.ConfigDict:
+  """Our ``model`` config for a BAGEL-layout folder (or file): exactly ours when it holds our
+  ``unimage_config.json``; otherwise ``base`` (default ``base_config().model``) updated from its
+  JSONs and then from the tensors' shapes (:func:`infer_from_tensors`)."""
+  directory = path if os.path.isdir(path) else os.path.dirname(path)
+  if hf_configs.read_json(directory, hf_configs.UNIMAGE_CONFIG) is not None:
+    return hf_configs.model_config_from_dir(directory)
+  cfg = hf_configs.model_config_from_dir(directory, base)
+  return infer_from_tensors(cfg, reader or SafetensorsReader(path))
 
-  BAGEL ships no VAE/latent config (``vae2llm`` gives the latent width, ``latent_pos_embed`` the
-  grid) and its ``vit_config.json`` names SigLIP's 27 layers while the checkpoint keeps 26.
+
+def _layer_count(keys, prefix: str) -> int:
+  idx = {int(k[len(prefix):].split(".")[0]) for k in keys if k.startswith(prefix)}
+  return max(idx) + 1 if idx else 0
+
+
+_LLM = "language_model.model."
+_VIT = "vit_model.vision_model."
+
+
+def infer_from_tensors(cfg: ml_collections.ConfigDict, reader: SafetensorsReader) -> ml_collections.ConfigDict:
+  """Sets every architecture field the tensors determine; the JSONs keep only what shapes cannot say
+  (``rope_theta``, norm epsilons, the ViT's head count, ``head_dim`` without q/k norms).
+
+  Why: BAGEL's release JSONs do not state the latent space (``vae2llm`` gives its width,
+  ``latent_pos_embed`` the grid), its ``vit_config.json`` names one SigLIP layer more than the
+  checkpoint keeps, and its ``llm_config.json`` may not mention ``qk_norm``.
   """
   cfg = ml_collections.ConfigDict(cfg.to_dict())
+  keys = reader.keys()
+  shape = reader.shape
+  if _LLM + "embed_tokens.weight" in reader:
+    cfg.vocab_size, cfg.hidden_size = shape(_LLM + "embed_tokens.weight")
+  n_layers = _layer_count(keys, _LLM + "layers.")
+  if n_layers:
+    cfg.num_layers = n_layers
+    attn = _LLM + "layers.0.self_attn."
+    cfg.qk_norm = attn + "q_norm.weight" in reader
+    if cfg.qk_norm:
+      cfg.head_dim = shape(attn + "q_norm.weight")[0]
+    if attn + "q_proj.weight" in reader:
+      cfg.num_heads = shape(attn + "q_proj.weight")[0] // cfg.head_dim
+      cfg.num_kv_heads = shape(attn + "k_proj.weight")[0] // cfg.head_dim
+    if _LLM + "layers.0.mlp.gate_proj.weight" in reader:
+      cfg.mlp_dim = shape(_LLM + "layers.0.mlp.gate_proj.weight")[0]
   if "vae2llm.weight" in reader:
-    token_dim = reader.shape("vae2llm.weight")[1]
+    token_dim = shape("vae2llm.weight")[1]
     channels = token_dim // cfg.latent_patch_size**2
     cfg.latent_channels = channels
     if channels == 16:
       cfg.autoencoder = "flux_vae"
-    elif cfg.autoencoder == "pixel":
+    else:
+      cfg.autoencoder = "pixel"
       cfg.pixel_downsample = int(round((channels / 3) ** 0.5))
   if "latent_pos_embed.pos_embed" in reader:
-    cfg.max_latent_grid = int(round(reader.shape("latent_pos_embed.pos_embed")[0] ** 0.5))
-  vit_layers = {int(k.split(".")[4]) for k in reader.keys() if k.startswith("vit_model.vision_model.encoder.layers.")}
-  if cfg.vit.enabled and vit_layers:
-    cfg.vit.num_layers = max(vit_layers) + 1
+    cfg.max_latent_grid = int(round(shape("latent_pos_embed.pos_embed")[0] ** 0.5))
+  vit_layers = _layer_count(keys, _VIT + "encoder.layers.")
+  cfg.vit.enabled = bool(vit_layers)
+  if vit_layers:
+    cfg.vit.num_layers = vit_layers
+    patch = _VIT + "embeddings.patch_embedding.weight"
+    if patch in reader:
+      cfg.vit.hidden_size = shape(patch)[0]
+      cfg.vit.patch_size = int(round((shape(patch)[1] / 3) ** 0.5))
+    fc1 = _VIT + "encoder.layers.0.mlp.fc1.weight"
+    if fc1 in reader:
+      cfg.vit.mlp_dim = shape(fc1)[0]
+    if "vit_pos_embed.pos_embed" in reader:
+      cfg.vit.max_patches_per_side = int(round(shape("vit_pos_embed.pos_embed")[0] ** 0.5))
   return cfg
+
+
+# Model fields a checkpoint fixes: a --config may not change them (every other model field, e.g.
+# dtypes, remat, attention implementation, is how the model runs and comes from the --config).
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                       "mlp_dim", "rope_theta", "rms_norm_eps", "qk_norm", "autoencoder", "latent_channels",
+                       "latent_patch_size", "max_latent_grid")
+VIT_ARCHITECTURE_FIELDS = ("enabled", "hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size",
+                           "max_patches_per_side", "layer_norm_eps")
+
+
+def architecture_conflicts(requested: ml_collections.ConfigDict, checkpoint: ml_collections.ConfigDict) -> list[str]:
+  """``config.model.X=a but the checkpoint has b`` for every architecture field that differs."""
+  def differs(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+      return abs(float(a) - float(b)) > 1e-9 * max(abs(float(a)), abs(float(b)), 1e-30)
+    return a != b
+
+  fields = [(f, requested[f], checkpoint[f]) for f in ARCHITECTURE_FIELDS]
+  if checkpoint.autoencoder == "pixel":
+    fields.append(("pixel_downsample", requested.pixel_downsample, checkpoint.pixel_downsample))
+  vit_fields = VIT_ARCHITECTURE_FIELDS if checkpoint.vit.enabled and requested.vit.enabled else ("enabled",)
+  fields += [(f"vit.{f}", requested.vit[f], checkpoint.vit[f]) for f in vit_fields]
+  return [f"config.model.{name}={a!r} but the checkpoint has {b!r}" for name, a, b in fields if differs(a, b)]
+
+
+def config_for_checkpoint(requested: ml_collections.ConfigDict, checkpoint_model: ml_collections.ConfigDict,
+                          source: str) -> ml_collections.ConfigDict:
+  """``requested`` (a whole experiment config) with the checkpoint's architecture; refuses, with
+  the list, any architecture field the two disagree on (a --config trains the checkpoint, it
+  cannot reshape it)."""
+  bad = architecture_conflicts(requested.model, checkpoint_model)
+  if bad:
+    raise ConfigMismatchError(f"--config disagrees with the checkpoint {source} on its shape (drop these "
+                              "overrides or pick the matching config):\n  " + "\n  ".join(bad))
+  config = requested.copy_and_resolve_references()
+  for f in ARCHITECTURE_FIELDS:
+    config.model[f] = checkpoint_model[f]
+  config.model.pixel_downsample = checkpoint_model.pixel_downsample
+  for f in VIT_ARCHITECTURE_FIELDS:
+    config.model.vit[f] = checkpoint_model.vit[f]
+  return config
 
 
 # ------------------------------------------------------------------------------------------ Qwen2

@@ -20,6 +20,8 @@ import ml_dtypes
 import numpy as np
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "ema.safetensors"  # BAGEL's stock loaders read exactly this one file
+VAE_NAME = "ae.safetensors"  # FLUX VAE weights beside the model in a BAGEL release folder
 
 _TO_ST = {
     np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
@@ -53,12 +55,14 @@ class ShardedWriter:
   """Writes planned tensors, in plan order, into ``model-XXXXX-of-YYYYY.safetensors`` + index JSON.
 
   ``plan`` lists (key, shape, dtype) of every tensor. Shards close when they would exceed
-  ``max_shard_bytes`` (a tensor larger than that gets a shard of its own). Each :meth:`write`
-  checks the tensor against the plan, so a writer bug cannot produce a silently corrupt file.
+  ``max_shard_bytes`` (a tensor larger than that gets a shard of its own); ``max_shard_bytes=None``
+  writes one ``ema.safetensors`` and no index, the single file BAGEL's loaders read. Each
+  :meth:`write` checks the tensor against the plan, so a writer bug cannot produce a silently
+  corrupt file.
   """
 
   def __init__(self, directory: str, plan: Sequence[tuple[str, tuple[int, ...], np.dtype]],
-               max_shard_bytes: int = 5 << 30, metadata: dict[str, str] | None = None,
+               max_shard_bytes: int | None = 5 << 30, metadata: dict[str, str] | None = None,
                block_bytes: int = 64 << 20):
     self.directory = directory
     self.block_bytes = block_bytes
@@ -68,13 +72,14 @@ class ShardedWriter:
     size = 0
     for key, shape, dtype in plan:
       nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-      if shards[-1] and size + nbytes > max_shard_bytes:
+      if shards[-1] and max_shard_bytes is not None and size + nbytes > max_shard_bytes:
         shards.append([])
         size = 0
       shards[-1].append((key, tuple(shape), np.dtype(dtype)))
       size += nbytes
     self._shards = shards
-    self._names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    self.single_file = max_shard_bytes is None
+    self._names = [SINGLE_NAME] if self.single_file else [shard_name(i, len(shards)) for i in range(len(shards))]
     self._queue: Iterator[tuple[int, int]] = iter(
         [(s, j) for s, entries in enumerate(shards) for j in range(len(entries))])
     self._file = None
@@ -119,6 +124,11 @@ class ShardedWriter:
     self._close_file()
     if left:
       raise ValueError(f"{len(left)} planned tensors were never written, first: {self._shards[left[0][0]][left[0][1]][0]}")
+    if self.single_file:
+      if self._open_shard < 0:  # an empty plan still leaves a valid file
+        with open(os.path.join(self.directory, self._names[0]), "wb") as f:
+          f.write(_header_bytes(self._shards[0], self.metadata))
+      return
     index = {"metadata": {"total_size": self.total_bytes},
              "weight_map": {key: self._names[s] for s, entries in enumerate(self._shards) for key, _, _ in entries}}
     with open(os.path.join(self.directory, INDEX_NAME), "w") as f:
@@ -159,12 +169,16 @@ class SafetensorsReader:
 
   @staticmethod
   def _files(path: str) -> list[str]:
+    """A folder means its model weights: ``ema.safetensors`` (BAGEL), else the index's shards, else
+    every ``*.safetensors`` except the VAE's ``ae.safetensors`` (a release folder holds both)."""
     if os.path.isdir(path):
       index = os.path.join(path, INDEX_NAME)
+      if os.path.exists(os.path.join(path, SINGLE_NAME)):
+        return [os.path.join(path, SINGLE_NAME)]
       if os.path.exists(index):
         path = index
       else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f != VAE_NAME)
         if not files:
           raise FileNotFoundError(f"no .safetensors files in {path}")
         return [os.path.join(path, f) for f in files]

@@ -130,10 +130,10 @@ class MoTAttention(nn.Module):
       setattr(self, f"k_proj{moe}", nn.Linear(e, hkv * d))
       setattr(self, f"v_proj{moe}", nn.Linear(e, hkv * d))
       setattr(self, f"o_proj{moe}", nn.Linear(hq * d, e, bias=False))
-      if c.get("qk_norm", False):
+      if c.get("qk_norm", True):  # BAGEL's loaders force q/k norms on; a release JSON may omit them
         setattr(self, f"q_norm{moe}", RMSNorm(d, c["rms_norm_eps"]))
         setattr(self, f"k_norm{moe}", RMSNorm(d, c["rms_norm_eps"]))
-    self.qk_norm = bool(c.get("qk_norm", False))
+    self.qk_norm = bool(c.get("qk_norm", True))
 
   def qkv(self, x, moe: str, cos, sin):
     b, l, _ = x.shape
@@ -234,7 +234,8 @@ class _SiglipEmbeddings(nn.Module):
 class _SiglipEncoder(nn.Module):
   def __init__(self, c: Mapping):
     super().__init__()
-    self.layers = nn.ModuleList(SiglipLayer(c) for _ in range(c["num_hidden_layers"]))
+    # BAGEL's convention: vit_config.json names one layer more than the checkpoint keeps
+    self.layers = nn.ModuleList(SiglipLayer(c) for _ in range(c["num_hidden_layers"] - 1))
 
 
 class SiglipVisionTransformer(nn.Module):
@@ -361,6 +362,18 @@ def _read_json(directory: str, name: str):
     return json.load(f)
 
 
+def weight_files(directory: str) -> list[str]:
+  """The model's safetensors in an export or BAGEL release folder: ``ema.safetensors`` (BAGEL's one
+  file), else the shards of ``model.safetensors.index.json``, else every ``*.safetensors`` but the
+  VAE's ``ae.safetensors`` (same rule as ``unimage_jax.interchange.safetensors_io``)."""
+  if os.path.exists(os.path.join(directory, "ema.safetensors")):
+    return ["ema.safetensors"]
+  index = _read_json(directory, "model.safetensors.index.json")
+  if index:
+    return sorted(set(index["weight_map"].values()))
+  return sorted(f for f in os.listdir(directory) if f.endswith(".safetensors") and f != "ae.safetensors")
+
+
 def load_exported(directory: str, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> UniMAGETorch:
   """Builds the module from ``llm_config.json``/``vit_config.json``/``vae_config.json`` and loads the
@@ -372,9 +385,7 @@ def load_exported(directory: str, device: str | torch.device = "cpu",
     raise FileNotFoundError(f"{directory} needs llm_config.json and vae_config.json (tools/export_torch.py writes them)")
   with torch.device("meta"):
     model = UniMAGETorch(llm, vae, vit if vae.get("vit_enabled", vit is not None) else None)
-  index = _read_json(directory, "model.safetensors.index.json")
-  files = sorted(set(index["weight_map"].values())) if index else sorted(
-      f for f in os.listdir(directory) if f.endswith(".safetensors"))
+  files = weight_files(directory)
   state = {}
   for f in files:
     state.update(load_file(os.path.join(directory, f), device=str(device)))

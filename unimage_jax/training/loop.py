@@ -11,6 +11,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from unimage_jax import tokenizer as tokenizer_lib
 from unimage_jax import sharding
 from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
@@ -83,7 +84,8 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     if config.data.dataset != "synthetic":
-      shutil.copyfile(config.data.tokenizer_path, os.path.join(workdir, "tokenizer.model"))  # self-contained run
+      path = config.data.tokenizer_path  # a self-contained run: the director finds its tokenizer here
+      shutil.copyfile(tokenizer_lib.tokenizer_file(path), os.path.join(workdir, tokenizer_lib.workdir_copy_name(path)))
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config)
   ckpt.install_sigterm_handler()
