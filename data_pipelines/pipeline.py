@@ -148,16 +148,15 @@ class TrainIterator(grain.DatasetIterator):
   global ``jax.Array``s; the state is that of the host-side stream either way.
   """
 
-  def __init__(self, dataset: grain.IterDataset, mesh=None):
+  def __init__(self, dataset: grain.IterDataset, mesh=None, rules=None):
     self.dataset = dataset
     self.grain_iterator = iter(dataset)
     super().__init__(self.grain_iterator)
     self.mesh = mesh
     self._sharding = None
     if mesh is not None:
-      import jax
-      axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-      self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
+      from unimage_jax import sharding  # imports jax: only in the trainer's process, not in workers
+      self._sharding = sharding.batch_sharding(mesh, rules)
 
   def __next__(self) -> dict[str, Any]:
     batch = next(self.grain_iterator)
@@ -176,9 +175,10 @@ class TrainIterator(grain.DatasetIterator):
 def make_train_iterator(config, *, process_index: int | None = None, process_count: int | None = None,
                         mesh=None) -> TrainIterator:
   """The trainer's entry point: packed batches ``[batch_size / process_count, ...]`` per process
-  (global ``jax.Array``s sharded over the mesh's ("data", "fsdp") axes when ``mesh`` is given)."""
+  (global ``jax.Array``s sharded by ``config.logical_axis_rules``' ``batch`` rule when ``mesh`` is given)."""
   pi, pc = _process(process_index, process_count)
-  return TrainIterator(make_dataset(config, process_index=pi, process_count=pc), mesh=mesh)
+  return TrainIterator(make_dataset(config, process_index=pi, process_count=pc), mesh=mesh,
+                       rules=config.logical_axis_rules)
 
 
 def save_iterator_state(iterator: TrainIterator, directory: str) -> None:

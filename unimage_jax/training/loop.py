@@ -106,7 +106,7 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   batch_shardings = {k: v.sharding for k, v in batch_spec.items()}
   train_step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, optimizer), shardings, batch_shardings)
   t0 = time.time()
-  with attention_mesh(mesh):  # Pallas attention kernels run per shard of this mesh
+  with attention_mesh(mesh, config.logical_axis_rules):  # Pallas attention kernels run per shard of this mesh
     compiled = train_step.lower(state, batch_spec).compile()
   logging.info("train step compiled in %.1fs", time.time() - t0)
   flops_per_device = metrics_lib.analytic_flops_per_step(config) / mesh.size
