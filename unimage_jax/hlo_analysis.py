@@ -2,10 +2,15 @@
 
 Why: a multi-slice plan is only useful if it says what crosses the data-centre network (DCN) each
 step; the memory analysis does not. This reads every collective of the compiled module (all-reduce,
-all-gather, reduce-scatter, all-to-all, collective-permute, synchronous or ``-start``), its payload
-bytes, the devices of each replica group, and how often it runs (the ``known_trip_count`` of every
-enclosing ``while``: the scan over layers, the CE chunks, gradient accumulation), and sums the
-payload of the collectives whose groups span more than one slice.
+all-gather, reduce-scatter, all-to-all, collective-permute, synchronous or ``-start``) with its
+payload bytes and device groups, and how often it runs (the trip count of every enclosing
+``while``: the scan over layers, the CE chunks, gradient accumulation).
+
+DCN bytes come from two places. A multi-slice TPU executable is compiled per slice: its ICI
+collectives name devices inside one slice, and what crosses slices is explicit, as ``send`` ops to
+the Megascale runtime (``_xla_megascale_transfer_type``, e.g. ``ALL_REDUCE``); their operand bytes
+are what one device sends over DCN. Elsewhere (one program over all devices), a collective whose
+group holds devices of two slices counts as DCN.
 
 Payload = the bytes of the op's result array(s) as one device holds them (for all-gather the
 gathered array, for reduce-scatter its input, for all-reduce the reduced array). It bounds what a
@@ -28,12 +33,15 @@ DTYPE_BYTES = {
     "c64": 8, "c128": 16,
 }
 
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\([^{]*\))?\s*(?:->\s*[^{]*)?\{\s*$")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
-_CALLED = re.compile(r"\b(?:body|condition|to_apply|calls|true_computation|false_computation|branch_computations)"
-                     r"=\{?(%?[\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")
+_CALLED = re.compile(r"\b(body|condition|to_apply|calls|called_computations|true_computation|false_computation|"
+                     r"branch_computations)=(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*[su](?:8|16|32|64)\[\]\S*\s+constant\((-?\d+)\)")
+_COMPARE = re.compile(r"compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\),\s*direction=(LT|LE|GT|GE|NE)")
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 _GROUPS_LIST = re.compile(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 _PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
@@ -97,44 +105,73 @@ def replica_groups(attrs: str, num_devices: int | None = None) -> tuple[tuple[in
 
 
 def parse_collectives(hlo_text: str, num_devices: int | None = None) -> list[Collective]:
-  """Every collective of an HLO module with how many times one execution of the module runs it."""
-  calls: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)  # caller -> [(callee, times)]
+  """Every collective of an HLO module (and every Megascale DCN ``send``, as kind ``dcn-<type>``)
+  with how many times one execution of the module runs it."""
+  calls: dict[str, list[tuple[str, str | None]]] = collections.defaultdict(list)  # caller -> [(callee, while)]
+  whiles: dict[str, tuple[int | None, str]] = {}  # while instruction -> (known trip count, condition)
+  constants: dict[str, dict[str, int]] = collections.defaultdict(dict)  # computation -> integer scalars
+  roots: dict[str, tuple[str, str, str]] = {}  # computation -> ROOT compare (lhs, rhs, direction)
   found: list[Collective] = []
   entry, current = None, None
   for line in hlo_text.splitlines():
-    stripped = line.strip()
-    if not stripped or stripped.startswith("//") or stripped.startswith("HloModule"):
+    if not line.strip() or line.lstrip().startswith(("//", "HloModule")):
       continue
-    m = _COMPUTATION.match(stripped)
-    if m and "=" not in stripped.split("{")[0]:
-      current = m.group(1)
-      if stripped.startswith("ENTRY"):
-        entry = current
-      continue
-    if stripped == "}":
+    if not line[0].isspace():  # computation headers start at column 0, instructions are indented
+      m = _COMPUTATION.match(line.strip())
+      if m:
+        current = m.group(2)
+        if m.group(1):
+          entry = current
       continue
     m = _INSTRUCTION.match(line)
     if not m or current is None:
       continue
     name, shape_text, opcode, rest = m.groups()
-    trip = _TRIP.search(rest)
-    times = int(trip.group(1)) if (opcode == "while" and trip) else 1
-    for callees in _CALLED.findall(rest):
-      for callee in callees.split(","):
-        callee = callee.strip().lstrip("%")
-        # a while's condition runs trip+1 times, but it holds no collectives worth counting
-        calls[current].append((callee, times))
+    c = _CONSTANT.match(line)
+    if c:
+      constants[current][c.group(1)] = int(c.group(2))
+    if line.lstrip().startswith("ROOT") and opcode == "compare":
+      cm = _COMPARE.search(line)
+      if cm:
+        roots[current] = cm.groups()
+    called = {key: [x.strip().lstrip("%") for x in value.strip("{}").split(",") if x.strip()]
+              for key, value in _CALLED.findall(rest)}
+    if opcode == "while":
+      trip = _TRIP.search(rest)
+      whiles[name] = (int(trip.group(1)) if trip else None, called.get("condition", [""])[0])
+    for key, callees in called.items():
+      for callee in callees:
+        calls[current].append((callee, name if (opcode == "while" and key == "body") else None))
+    if opcode == "send" and _MEGASCALE.search(rest):
+      sizes = array_bytes(shape_text)
+      found.append(Collective(name=name, kind="dcn-" + _MEGASCALE.search(rest).group(1).lower(),
+                              computation=current, payload_bytes=sizes[0] if sizes else 0, groups=()))
+      continue
     started = opcode.endswith("-start")
     kind = opcode[: -len("-start")] if started else opcode
     if kind in COLLECTIVES and not opcode.endswith("-done"):
       found.append(Collective(name=name, kind=kind, computation=current,
                               payload_bytes=_payload(kind, started, shape_text),
                               groups=replica_groups(rest, num_devices)))
-  runs = _executions(calls, entry)
+  trips = {w: known if known is not None else _trip_from_condition(cond, constants, roots)
+           for w, (known, cond) in whiles.items()}
+  runs = _executions(calls, trips, entry)
   return [dataclasses.replace(c, executions=runs.get(c.computation, 0)) for c in found]
 
 
-def _executions(calls: dict[str, list[tuple[str, int]]], entry: str | None) -> dict[str, int]:
+def _trip_from_condition(cond: str, constants, roots) -> int:
+  """``i < N`` loops from 0 (what scans and fori loops lower to): N; 1 when it cannot be read."""
+  root = roots.get(cond)
+  if root is None:
+    return 1
+  lhs, rhs, direction = root
+  bound = constants[cond].get(rhs, constants[cond].get(lhs))
+  if bound is None:
+    return 1
+  return max(bound + (direction == "LE"), 1)
+
+
+def _executions(calls, trips: dict[str, int], entry: str | None) -> dict[str, int]:
   """Times each computation runs per execution of ``entry`` (sums over every call path)."""
   if entry is None:
     return {}
@@ -144,8 +181,8 @@ def _executions(calls: dict[str, list[tuple[str, int]]], entry: str | None) -> d
     if depth > 64:
       return
     runs[comp] += times
-    for callee, n in calls.get(comp, ()):
-      visit(callee, times * n, depth + 1)
+    for callee, loop in calls.get(comp, ()):
+      visit(callee, times * (trips.get(loop, 1) if loop else 1), depth + 1)
 
   visit(entry, 1)
   return dict(runs)
@@ -160,19 +197,27 @@ class Traffic:
   dcn_ops: int  # distinct collectives that cross slices
 
   def __str__(self) -> str:
-    kinds = ", ".join(f"{k} {v / (1 << 30):.2f} GiB" for k, v in sorted(self.dcn_by_kind.items())) or "none"
-    return (f"collective payload per device per step: across slices (DCN) {self.dcn_bytes / (1 << 30):.2f} GiB "
-            f"in {self.dcn_ops} ops ({kinds}); inside slices (ICI) {self.ici_bytes / (1 << 30):.2f} GiB")
+    kinds = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.dcn_by_kind.items())) or "none"
+    return (f"collective payload per device per step: across slices (DCN) {format_bytes(self.dcn_bytes)} "
+            f"in {self.dcn_ops} ops ({kinds}); inside slices (ICI) {format_bytes(self.ici_bytes)}")
+
+
+def format_bytes(n: int) -> str:
+  for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    if n >= size:
+      return f"{n / size:.2f} {unit}"
+  return f"{n} B"
 
 
 def traffic(collectives: Iterable[Collective], slice_of: Callable[[int], int] | Sequence[int]) -> Traffic:
-  """Sums payload x executions, as DCN when any group holds devices of two slices."""
+  """Sums payload x executions: DCN for Megascale sends and for groups holding devices of two
+  slices (``slice_of``: partition id -> slice index), ICI otherwise."""
   lookup = slice_of if callable(slice_of) else slice_of.__getitem__
   dcn = ici = ops = 0
   by_kind: dict[str, int] = collections.defaultdict(int)
   for c in collectives:
     total = c.payload_bytes * c.executions
-    if any(len({lookup(d) for d in g}) > 1 for g in c.groups):
+    if c.kind.startswith("dcn-") or any(len({lookup(d) for d in g}) > 1 for g in c.groups):
       dcn += total
       by_kind[c.kind] += total
       ops += 1
