@@ -56,6 +56,11 @@ class SyntheticIterator:
   def start_prefetch(self) -> None:
     """Grain's checkpoint handler calls this after set_state; nothing to prefetch here."""
 
+  def resume_elastic(self, states: dict, directory: str = "") -> str:
+    """Another process count: every process cycled the same pool position, so it carries over."""
+    self.index = max(json.loads(s)["index"] if isinstance(s, (str, bytes)) else s["index"] for s in states.values())
+    return f"the synthetic pool continues at batch {self.index} (exactly once)"
+
 
 def make_data_iterator(config: ml_collections.ConfigDict, mesh: Mesh):
   if config.data.dataset == "synthetic":

@@ -16,7 +16,7 @@ from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
 from unimage_jax.errors import UserError
 from unimage_jax.model import functional
-from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib
+from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib, profiling
 from unimage_jax.training import optimizer as opt_lib
 from unimage_jax.training import state as state_lib
 from unimage_jax.training import step as step_lib
@@ -114,6 +114,7 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   tokens_per_step = config.data.batch_size * (config.data.und_len + config.data.gen_len)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  profiler = profiling.StepProfiler(config.train.profile_steps, workdir)
   bar = _progress(config.train.steps, start)
   last: dict[str, Any] = {}
   skipped_seen = int(state.skipped)
@@ -121,9 +122,12 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   try:
     for step in range(start, config.train.steps):
       batch = next(data)
-      state, metrics = compiled(state, batch)
-      window_steps += 1
       done = step + 1
+      profiler.before(done)
+      with jax.profiler.StepTraceAnnotation("train", step_num=done):
+        state, metrics = compiled(state, batch)
+      profiler.after(done, metrics)
+      window_steps += 1
       if done % config.train.log_every == 0 or done == config.train.steps:
         fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.time() - window_start
@@ -152,6 +156,7 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
     else:
       ckpt.save(state, data, force=True)
   finally:
+    profiler.stop()
     ckpt.close()
     writer.close()
     if bar is not None:
