@@ -101,3 +101,15 @@ def test_two_processes_save_one_resumes_without_repeating_a_sample(tmp_path):
   stories = lambda indices: [stream[g].story_id for g in sorted(indices)]
   assert not set(stories(first)) & set(stories(second))  # no story seen twice
   assert len(set(stories(first | second))) == len(first | second)  # all within the first epoch
+
+
+def test_states_that_cannot_move_are_refused_with_how_to_restart():
+  state = {"stream": {"anchor": 0, "next": 3, "ready": [], "open": [[[2, 0]]]}, "start": 0, "process_count": 2,
+           "process_index": 0, "num_workers": 0}
+  point = elastic.resume_point({0: state, 1: dict(state, process_index=1, stream=dict(state["stream"], next=5))})
+  assert point.start == 1 + 5 * 2 and point.saved_processes == 2
+  assert point.skipped == 2 + 3  # one buffered sample each, and process 0's unread indices 6, 8, 10
+  with pytest.raises(elastic.ElasticResumeError, match="--config.train.data_resume=restart"):
+    elastic.resume_point({0: dict(state, num_workers=2), 1: dict(state, process_index=1, num_workers=2)})
+  with pytest.raises(elastic.ElasticResumeError, match="predates elastic resume.*data_resume=restart"):
+    elastic.resume_point({0: state["stream"]})
