@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat_policy = "none"  # none | full | dots_saveable | save_attention_out
   m.attention_impl = "auto"  # xla (reference) | xla_flash | pallas_tpu | pallas_gpu | auto
   m.attention_query_chunk = 1024  # reference attention: queries per score tile
-  m.ce_chunk = 2048  # tokens per logits chunk in the CE loss (no [L, vocab] tensor)
+  m.ce_chunk = 2048  # tokens per device per logits chunk in the CE loss (no [L, vocab] tensor)
   # image latents: "pixel" (exact space-to-depth stand-in, tiny configs) or "flux_vae"
   m.autoencoder = "pixel"
   m.pixel_downsample = 4
