@@ -83,9 +83,9 @@ def test_the_kernel_specs_and_the_batch_follow_the_rules(tiny_config):
   assert kernel_specs((4, 96, 4, 16), changed_rules(rules), mesh)[0] == P(("data", "fsdp"), None, None, None)
   only_data = [(n, "data" if n == "batch" else t) for n, t in rules]
   assert sharding.batch_sharding(mesh, only_data).spec == P(("data",))
-  assert kernel_specs((4, 96, 4, 16), only_data, mesh)[1] == P(("data",), None)
+  assert kernel_specs((4, 96, 4, 16), only_data, mesh)[1] == P("data", None)
   with pytest.raises(ValueError, match="map 'length' and 'head_dim' to None"):
-    kernel_specs((4, 96, 4, 16), [("length", "fsdp")] + list(rules), mesh)
+    kernel_specs((4, 96, 4, 16), [("length", "tensor")] + list(rules), mesh)
   c.data.batch_size = 6  # divisible by data=2 (the new batch rule), not by data*fsdp=4
   c.logical_axis_rules = only_data
   sharding.check_mesh_compatible(c, mesh)
