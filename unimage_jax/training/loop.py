@@ -121,9 +121,9 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   window_start, window_steps = time.time(), 0
   try:
     for step in range(start, config.train.steps):
-      batch = next(data)
       done = step + 1
-      profiler.before(done)
+      profiler.before(done)  # the trace includes the step's data loading
+      batch = next(data)
       with jax.profiler.StepTraceAnnotation("train", step_num=done):
         state, metrics = compiled(state, batch)
       profiler.after(done, metrics)
