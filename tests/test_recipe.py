@@ -48,6 +48,7 @@ def get_config():
 
 def _run(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run (conftest's 8 would need batch 8)
   proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True)
   assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-4000:])
   return proc.stdout
