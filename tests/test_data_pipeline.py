@@ -19,7 +19,7 @@ def _equal(a, b):
 
 
 def test_batch_contract():
-  c = data_fixtures.tiny_config(tasks=MIX)
+  c = data_fixtures.tiny_config(tasks=MIX, batch_size=8)
   it = pipeline.make_train_iterator(c, process_index=0, process_count=1)
   batch = next(it)
   row = layout.empty_row(layout.BufferSizes(512, 256, 64, 64), 192, 192)
@@ -76,7 +76,7 @@ def test_packing_efficiency_interleaved():
 
 
 def test_process_slices_are_disjoint():
-  c = data_fixtures.tiny_config()
+  c = data_fixtures.tiny_config(batch_size=8)
   ids = [[pipeline.make_sample_dataset(c, process_index=p, process_count=2, repeat=False)[i].story_id
           for i in range(60)] for p in range(2)]
   assert not set(ids[0]) & set(ids[1]) and len(set(ids[0])) == 60
@@ -87,7 +87,7 @@ def test_process_slices_are_disjoint():
 
 
 def test_global_arrays_on_mesh():
-  c = data_fixtures.tiny_config()
+  c = data_fixtures.tiny_config(batch_size=8)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
   batch = next(pipeline.make_train_iterator(c, mesh=mesh))
   x = batch["gen_latents"]
