@@ -24,6 +24,7 @@ def test_tiny_train_step_compiles_for_v5e_2x2(tiny_config):
   tiny_config.data.batch_size = 4
   tiny_config.mesh.update(data=2, fsdp=2, tensor=1)
   tiny_config.model.attention_impl = "auto"  # the TPU kernel, per shard
+  tiny_config.model.scan_layers = True  # the TPU layout (the tiny CPU config unrolls its layers)
   plan = aot.compile_train_step(tiny_config, "v5e:2x2")
   assert plan.devices == 4 and plan.mesh == {"data": 2, "fsdp": 2, "tensor": 1}
   assert plan.attention_impl == "pallas_tpu"
