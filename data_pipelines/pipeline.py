@@ -111,8 +111,12 @@ def _is_default_tokenizer(config) -> bool:
 
 
 def make_sample_dataset(config, *, process_index: int = 0, process_count: int = 1, split: str = "train",
-                        repeat: bool = True) -> grain.MapDataset:
-  """Planned samples (before packing): source -> shuffle -> repeat -> slice -> decode + plan."""
+                        repeat: bool = True, start: int = 0) -> grain.MapDataset:
+  """Planned samples (before packing): source -> shuffle -> repeat -> slice -> decode + plan.
+
+  Process ``p`` of ``n`` reads the global sample indices ``start + p + k n`` (``start`` > 0 after
+  an elastic resume, see ``data_pipelines/elastic.py``).
+  """
   d = config.data
   source = builders.load_source(d.data_dir, d.dataset, split, d.dataset_config, default_build_name(config))
   check_tokenizer(config)
@@ -126,11 +130,11 @@ def make_sample_dataset(config, *, process_index: int = 0, process_count: int = 
   # keyed by its *global* index (slicing first would give every process the same streams).
   ds = ds.random_map(PlanTransform(PlanConfig.from_config(config), d.tokenizer_path, config.model.vocab_size),
                      seed=d.seed)
-  return ds[process_index::process_count]
+  return ds[start + process_index::process_count]
 
 
 def make_dataset(config, *, process_index: int = 0, process_count: int = 1, split: str = "train",
-                 repeat: bool = True, packed: bool = True) -> grain.IterDataset:
+                 repeat: bool = True, packed: bool = True, start: int = 0) -> grain.IterDataset:
   """Batches of packed rows for one process: dicts of numpy arrays ``[B_local, ...]``.
 
   ``packed=False`` puts one sample per row (the baseline the benchmark compares against).
@@ -139,7 +143,7 @@ def make_dataset(config, *, process_index: int = 0, process_count: int = 1, spli
   if d.batch_size % process_count:
     raise ValueError(f"config.data.batch_size={d.batch_size} is not divisible by {process_count} processes")
   ds = make_sample_dataset(config, process_index=process_index, process_count=process_count,
-                           split=split, repeat=repeat)
+                           split=split, repeat=repeat, start=start)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
   encoder = row_encoder(config)
   if packed:
@@ -163,19 +167,22 @@ class TrainIterator(grain.DatasetIterator):
   It is itself a ``grain.DatasetIterator``, so Orbax takes it directly:
   ``ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))`` in a CheckpointManager
   (or :func:`save_iterator_state` / :func:`restore_iterator_state`). With a mesh, batches are
-  global ``jax.Array``s; the state is that of the host-side stream either way.
+  global ``jax.Array``s; the state is that of the host-side stream either way, with where this
+  process reads in the global stream (``start``, ``process_index``, ``process_count``) so that
+  another number of processes can continue it (:meth:`continue_at`, ``data_pipelines/elastic.py``).
   """
 
-  def __init__(self, dataset: grain.IterDataset, mesh=None):
+  def __init__(self, dataset: grain.IterDataset, mesh=None, rules=None, *, config=None, process_index: int = 0,
+               process_count: int = 1, start: int = 0):
     self.dataset = dataset
     self.grain_iterator = iter(dataset)
     super().__init__(self.grain_iterator)
     self.mesh = mesh
+    self.config, self.process_index, self.process_count, self.start = config, process_index, process_count, start
     self._sharding = None
     if mesh is not None:
-      import jax
-      axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-      self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
+      from unimage_jax import sharding  # imports jax: only in the trainer's process, not in workers
+      self._sharding = sharding.batch_sharding(mesh, rules)
 
   def __next__(self) -> dict[str, Any]:
     batch = next(self.grain_iterator)
@@ -185,18 +192,46 @@ class TrainIterator(grain.DatasetIterator):
     return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
 
   def get_state(self) -> dict[str, Any]:
-    return self.grain_iterator.get_state()
+    return {"stream": self.grain_iterator.get_state(), "start": self.start, "process_index": self.process_index,
+            "process_count": self.process_count,
+            "num_workers": int(self.config.data.num_workers) if self.config is not None else 0}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self.grain_iterator.set_state(state)
+    """Restores this process's own saved position (same process count), exactly."""
+    if "stream" not in state:  # written before the stream position was recorded
+      self.grain_iterator.set_state(state)
+      return
+    if int(state["start"]) != self.start:
+      self.continue_at(int(state["start"]))
+    self.grain_iterator.set_state(state["stream"])
+
+  def resume_elastic(self, states: dict[int, Any], directory: str = "") -> str:
+    """Continues a stream saved by ``len(states)`` processes on this process count (see
+    ``data_pipelines/elastic.py`` for the guarantee); returns what happened, for the log."""
+    from data_pipelines import elastic
+    point = elastic.resume_point(states, directory)
+    self.continue_at(point.start)
+    return (f"the stream continues at global sample {point.start}; {point.skipped} samples below it are "
+            "skipped (not reached, or buffered in open rows); no sample is read twice")
+
+  def continue_at(self, start: int) -> None:
+    """Restarts this process's stream at global sample ``start`` (an elastic resume)."""
+    if self.config is None:
+      raise ValueError("continue_at needs the iterator built by make_train_iterator (it has the config)")
+    self.start = start
+    self.dataset = make_dataset(self.config, process_index=self.process_index, process_count=self.process_count,
+                                start=start)
+    self.grain_iterator = iter(self.dataset)
+    super().__init__(self.grain_iterator)
 
 
 def make_train_iterator(config, *, process_index: int | None = None, process_count: int | None = None,
                         mesh=None) -> TrainIterator:
   """The trainer's entry point: packed batches ``[batch_size / process_count, ...]`` per process
-  (global ``jax.Array``s sharded over the mesh's ("data", "fsdp") axes when ``mesh`` is given)."""
+  (global ``jax.Array``s sharded by ``config.logical_axis_rules``' ``batch`` rule when ``mesh`` is given)."""
   pi, pc = _process(process_index, process_count)
-  return TrainIterator(make_dataset(config, process_index=pi, process_count=pc), mesh=mesh)
+  return TrainIterator(make_dataset(config, process_index=pi, process_count=pc), mesh=mesh,
+                       rules=config.logical_axis_rules, config=config, process_index=pi, process_count=pc)
 
 
 def save_iterator_state(iterator: TrainIterator, directory: str) -> None:

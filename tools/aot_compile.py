@@ -3,6 +3,8 @@
   pip install -e '.[tpu]'
   python tools/aot_compile.py --config=configs/bagel_7b.py --topology=v5p-128
   python tools/aot_compile.py --config=configs/mot_1b.py --topology=v5e-256 --config.mesh.fsdp=-1
+  python tools/aot_compile.py --config=configs/bagel_7b.py --topology=v5e-256 --num_slices=2 \
+      --config.mesh.dcn_data=2      # two slices over DCN; prints the collective bytes that cross them
 Exits 1 with the knobs to turn when the step does not fit a chip's HBM.
 """
 
@@ -15,6 +17,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bagel_7b.py", "Experiment config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "Slice name (v5p-128, v5e-256, v6e-256, v4-64, v5p-8, "
                                 "...) or generation:shape (v5p:4x4x4).")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over DCN (multi-slice); "
+                                   "config.mesh.dcn_data * dcn_fsdp must equal it.")
 _SERIALIZE = flags.DEFINE_string("serialize", None, "Write the compiled executable here.")
 
 
@@ -25,7 +29,7 @@ def main(argv):
   from unimage_jax import aot
   config = _CONFIG.value
   try:
-    plan = aot.compile_train_step(config, _TOPOLOGY.value)  # a ConfigError exits 2 (unimage_jax.cli)
+    plan = aot.compile_train_step(config, _TOPOLOGY.value, _NUM_SLICES.value)  # a ConfigError exits 2 (unimage_jax.cli)
   except aot.DoesNotFitError as e:
     print(f"error: does not fit: {e}", file=sys.stderr)
     sys.exit(1)

@@ -72,7 +72,7 @@ def bench_train_step(config, num_steps: int) -> float | None:
   tx = opt_lib.make_optimizer(config, params)
   shardings = state_lib.state_shardings(config, state_lib.abstract_state(config, tx), mesh)
   state = state_lib.init_state(config, tx, shardings)
-  bs = sharding.batch_sharding(mesh)
+  bs = sharding.batch_sharding(mesh, config.logical_axis_rules)
   step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, tx), shardings, bs)
   it = iter(pipeline.make_dataset(config, process_index=0, process_count=1))
   batches = [jax.device_put({k: jnp.asarray(v) for k, v in next(it).items()}, bs) for _ in range(num_steps + 2)]

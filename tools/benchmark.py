@@ -55,7 +55,7 @@ def bench_train(config) -> list[str]:
   rows = ["| attention | step s | tokens/s | MFU | vs reference |", "|---|---|---|---|---|"]
   mesh = sharding.make_mesh(config.mesh)
   batch = jax.device_put({k: jnp.asarray(v) for k, v in synthetic.random_batch(config).items()},
-                         sharding.batch_sharding(mesh))
+                         sharding.batch_sharding(mesh, config.logical_axis_rules))
   tokens = config.data.batch_size * (config.data.und_len + config.data.gen_len)
   peak = metrics.peak_flops(jax.devices()[0])
   results = {}
@@ -68,7 +68,7 @@ def bench_train(config) -> list[str]:
     shardings = state_lib.state_shardings(c, abstract, mesh)
     state = state_lib.init_state(c, tx, shardings)
     step = jax.jit(step_lib.make_train_step(c, functional.model_def(c.model), tx))
-    with attention_mesh(mesh):
+    with attention_mesh(mesh, c.logical_axis_rules):
       compiled = step.lower(state, batch).compile()
     flops = metrics.analytic_flops_per_step(c) / mesh.size
     seconds = _median_time(lambda: compiled(state, batch)[1]["loss"], _STEPS.value)

@@ -9,6 +9,7 @@ attention implementation); only the devices are descriptions.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import jax
 import ml_collections
-from unimage_jax import sharding
+from unimage_jax import hlo_analysis, sharding
 from unimage_jax.attention.dispatch import resolve_impl
 from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
@@ -54,7 +55,9 @@ def topology_spec(name: str) -> tuple[str, str]:
   return spec, m.group(1)
 
 
-def topology_devices(name: str):
+def topology_devices(name: str, num_slices: int = 1):
+  """The devices of ``num_slices`` copies of the slice ``name`` (each device has ``slice_index``
+  when ``num_slices > 1``), described by libtpu; nothing is attached."""
   try:
     import libtpu  # noqa: F401
   except ImportError as e:
@@ -63,7 +66,8 @@ def topology_devices(name: str):
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   spec, _ = topology_spec(name)
-  return topologies.get_topology_desc(topology_name=spec, platform="tpu").devices
+  kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+  return topologies.get_topology_desc(topology_name=spec, platform="tpu", **kwargs).devices
 
 
 @dataclasses.dataclass
@@ -80,6 +84,8 @@ class Plan:
   compile_seconds: float
   compiled: Any = dataclasses.field(repr=False, default=None)
   attention_impl: str = "xla"
+  num_slices: int = 1
+  traffic: hlo_analysis.Traffic | None = None  # collective payload, DCN vs ICI (from the compiled HLO)
 
   @property
   def total_bytes(self) -> int:
@@ -91,13 +97,28 @@ class Plan:
     return self.total_bytes <= self.hbm_bytes
 
 
-def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Plan:
-  """Lowers and compiles the sharded train step for ``topology``; returns the memory plan."""
+def compile_train_step(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1) -> Plan:
+  """Lowers and compiles the sharded train step for ``num_slices`` x ``topology``; returns the plan.
+
+  With several slices, ``config.mesh.dcn_data * dcn_fsdp`` must equal ``num_slices`` (the DCN
+  axes of the hybrid mesh; when both are 1, ``dcn_data = num_slices``: data parallel across
+  slices); the plan also counts the collective bytes that cross slices.
+  """
   validate_config(config)
   config = config.copy_and_resolve_references()
   # "auto" means the kernel of the *target* backend, not of this CPU host
   config.model.attention_impl = resolve_impl(config.model.attention_impl, backend="tpu")
-  devices = topology_devices(topology)
+  if num_slices < 1:
+    raise ConfigError(f"--num_slices={num_slices} must be >= 1")
+  dcn = sharding.dcn_shape(config.mesh)
+  if num_slices > 1 and math.prod(dcn) == 1:  # the usual multi-slice layout: data parallel across slices
+    config.mesh.dcn_data = num_slices
+    dcn = sharding.dcn_shape(config.mesh)
+  if math.prod(dcn) != num_slices:
+    raise ConfigError(f"--num_slices={num_slices} but config.mesh.dcn_data={dcn[0]} x dcn_fsdp={dcn[1]} = "
+                      f"{math.prod(dcn)}: set the DCN axes to spread the mesh over the slices "
+                      f"(e.g. --config.mesh.dcn_data={num_slices} or --config.mesh.dcn_fsdp={num_slices})")
+  devices = topology_devices(topology, num_slices)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_mesh_compatible(config, mesh)
   params, _ = functional.abstract_params(config.model)
@@ -110,7 +131,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Plan
                                  shardings, {k: v.sharding for k, v in batch.items()})
   t0 = time.time()
   _, generation = topology_spec(topology)
-  with attention_mesh(mesh):
+  with attention_mesh(mesh, config.logical_axis_rules):
     lowered = step.lower(state_spec, batch)
     try:
       compiled = lowered.compile()
@@ -118,7 +139,7 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Plan
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       needed = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
-      plan = Plan(topology=topology, devices=len(devices), mesh=dict(mesh.shape), argument_bytes=0,
+      plan = Plan(topology=topology, devices=len(devices), mesh=dict(mesh.shape), num_slices=num_slices, argument_bytes=0,
                   output_bytes=0, temp_bytes=int(float(needed.group(1)) * (1 << 30)) if needed else 0,
                   alias_bytes=0, hbm_bytes=HBM_BYTES[generation], xla_flops_per_device=None,
                   compile_seconds=time.time() - t0)
@@ -126,8 +147,12 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Plan
                             f"{advice(plan, config)}", plan) from None
   elapsed = time.time() - t0
   mem = compiled.memory_analysis()
+  flat = list(mesh.devices.flat)  # SPMD partition id i runs on the device assignment's i-th device
+  collectives = hlo_analysis.parse_collectives(compiled.as_text(), len(flat))
+  traffic = hlo_analysis.traffic(collectives, [getattr(d, "slice_index", 0) for d in flat])
   return Plan(
       topology=topology, devices=len(devices), mesh=dict(mesh.shape), attention_impl=config.model.attention_impl,
+      num_slices=num_slices, traffic=traffic,
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
       hbm_bytes=HBM_BYTES[generation], xla_flops_per_device=metrics_lib.compiled_flops(compiled),
@@ -155,13 +180,16 @@ def report(plan: Plan, config: ml_collections.ConfigDict) -> str:
   gib = lambda b: f"{b / (1 << 30):.2f} GiB"
   peak = metrics_lib.PEAK_FLOPS.get({"v4": "TPU v4", "v5e": "TPU v5e", "v5p": "TPU v5p", "v6e": "TPU v6e"}[
       topology_spec(plan.topology)[1]])
+  slices = f"{plan.num_slices} x " if plan.num_slices > 1 else ""
   lines = [
-      f"topology {plan.topology}: {plan.devices} devices, mesh {plan.mesh}, attention {plan.attention_impl}, "
+      f"topology {slices}{plan.topology}: {plan.devices} devices, mesh {plan.mesh}, attention {plan.attention_impl}, "
       f"remat {config.model.remat_policy}, compiled in {plan.compile_seconds:.1f}s",
       f"per device: arguments {gib(plan.argument_bytes)}, outputs {gib(plan.output_bytes)}, "
       f"temporaries {gib(plan.temp_bytes)}, donated {gib(plan.alias_bytes)}",
       f"per device total {gib(plan.total_bytes)} of {gib(plan.hbm_bytes)} HBM: {'fits' if plan.fits else 'DOES NOT FIT'}",
   ]
+  if plan.traffic is not None:
+    lines.append(str(plan.traffic))
   tokens = config.data.batch_size * (config.data.und_len + config.data.gen_len)
   model_flops = metrics_lib.analytic_flops_per_step(config) / plan.devices
   lines.append(f"model FLOPs per device per step {model_flops:.3e} ({tokens:,} tokens per step); XLA cost "

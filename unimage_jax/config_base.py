@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat_policy = "none"  # none | full | dots_saveable | save_attention_out
   m.attention_impl = "auto"  # xla (reference) | xla_flash | pallas_tpu | pallas_gpu | auto
   m.attention_query_chunk = 1024  # reference attention: queries per score tile
-  m.ce_chunk = 2048  # tokens per logits chunk in the CE loss (no [L, vocab] tensor)
+  m.ce_chunk = 2048  # tokens per device per logits chunk in the CE loss (no [L, vocab] tensor)
   # image latents: "pixel" (exact space-to-depth stand-in, tiny configs) or "flux_vae"
   m.autoencoder = "pixel"
   m.pixel_downsample = 4
@@ -122,6 +122,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_accum_steps = 1
   t.init_from = ""  # a finished run's workdir: start from its params (stage 2 from stage 1)
   t.nonfinite = "skip"  # skip: drop the update and count it | stop: abort with a message
+  # "a,b": a jax.profiler trace of steps a..b (1-based, inclusive) into <workdir>/profile; "" = off
+  t.profile_steps = ""
+  # the data position on resume: auto (exact with the same process count, elastic with another:
+  # see README "Elastic data resume") | restart (the data stream starts over; stories repeat)
+  t.data_resume = "auto"
 
   # ---------------------------------------------------------------- inference (the director)
   inf = c.inference = ml_collections.ConfigDict()
@@ -146,7 +151,13 @@ def base_config() -> ml_collections.ConfigDict:
   s.data = -1  # -1: whatever devices remain
   s.fsdp = 1
   s.tensor = 1
-  # logical axis -> mesh axes (MaxText-style rules); the first matching rule wins
+  # slices over the data-centre network (multi-slice TPU): the mesh's data axis is data * dcn_data,
+  # its fsdp axis fsdp * dcn_fsdp; data/fsdp/tensor above are the sizes inside one slice (ICI)
+  s.dcn_data = 1
+  s.dcn_fsdp = 1
+  # logical axis -> mesh axes (MaxText-style rules); the first matching rule wins. Parameter names
+  # first, then the activation names (batch, length, act_*) that with_sharding_constraint and the
+  # attention kernel's shard_map read (unimage_jax/model/constraints.py)
   c.logical_axis_rules = [
       ("batch", ("data", "fsdp")),
       ("layers", None),
@@ -163,7 +174,12 @@ def base_config() -> ml_collections.ConfigDict:
       ("vit_patch", None),
       ("timestep", None),
       ("norm", None),
-      ("length", None),
+      ("length", None),  # the attention kernel needs whole rows: keep None
+      ("act_embed", None),
+      ("act_heads", "tensor"),
+      ("act_kv_heads", "tensor"),
+      ("act_mlp", "tensor"),
+      ("act_vocab", "tensor"),
   ]
   return c
 

@@ -140,6 +140,7 @@ def _optim_errors(c: ml_collections.ConfigDict) -> list[str]:
                   f"config.train.grad_accum_steps={t.grad_accum_steps}")
   if t.nonfinite not in ("skip", "stop"):
     errors.append(f"config.train.nonfinite={t.nonfinite!r} must be 'skip' or 'stop'")
+  errors += _pod_errors(c)
   if t.log_every < 1:
     errors.append(f"config.train.log_every={t.log_every} must be >= 1 (metrics every N steps)")
   if t.checkpoint_every < 0:
@@ -149,6 +150,22 @@ def _optim_errors(c: ml_collections.ConfigDict) -> list[str]:
   if lo.ce_weight < 0 or lo.mse_weight < 0 or lo.ce_weight + lo.mse_weight == 0:
     errors.append(f"config.loss weights (ce_weight={lo.ce_weight}, mse_weight={lo.mse_weight}) must be "
                   "non-negative and not both zero")
+  return errors
+
+
+def _pod_errors(c: ml_collections.ConfigDict) -> list[str]:
+  """Multi-slice mesh sizes, profiling window and data-resume policy (README "TPU pods")."""
+  from unimage_jax.training.profiling import parse_steps
+  errors = []
+  for axis in ("dcn_data", "dcn_fsdp"):
+    if int(c.mesh.get(axis, 1)) < 1:
+      errors.append(f"config.mesh.{axis}={c.mesh[axis]} must be >= 1 (slices along {axis[4:]})")
+  try:
+    parse_steps(c.train.get("profile_steps", ""))
+  except ValueError as e:
+    errors.append(str(e))
+  if c.train.get("data_resume", "auto") not in ("auto", "restart"):
+    errors.append(f"config.train.data_resume={c.train.data_resume!r} must be 'auto' or 'restart'")
   return errors
 
 

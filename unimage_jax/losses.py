@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from unimage_jax import layout
+from unimage_jax.attention import mesh_context
+from unimage_jax.model import constraints
 
 
 class LossSums(NamedTuple):
@@ -62,31 +64,42 @@ def noise_latents(rng: jax.Array, batch, max_segments: int, shift: float):
 def chunked_cross_entropy(hidden, logits_fn, labels, weights, chunk: int):
   """Weighted CE sum without materialising ``[B, L, V]`` logits.
 
-  hidden [B, L, E], labels [B, L] (IGNORE_LABEL = no loss), weights [B, L]. Tokens are processed
-  ``chunk`` at a time under ``jax.checkpoint`` so only one ``[chunk, V]`` tile is ever live.
-  Returns the weighted CE sum.
+  hidden [B, L, E], labels [B, L] (IGNORE_LABEL = no loss), weights [B, L]. Each row is cut into
+  chunks along its length and one chunk of every row is processed at a time under
+  ``jax.checkpoint``, so only a ``[B, c, V]`` tile is live; the batch axis stays whole, so the
+  tile keeps the rows' sharding (``batch`` rule) and ``act_vocab`` shards its vocabulary. ``chunk``
+  is the tile's tokens *per device*: ``c = chunk / rows per device``. Returns the weighted CE sum.
   """
-  e = hidden.shape[-1]
-  h = hidden.reshape(-1, e)
-  y = labels.reshape(-1)
-  w = jnp.where(y == layout.IGNORE_LABEL, 0.0, weights.reshape(-1).astype(jnp.float32))
-  n = h.shape[0]
-  chunk = max(1, min(chunk, n))
-  n_chunks = -(-n // chunk)
-  pad = n_chunks * chunk - n
-  h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, e)
-  y = jnp.pad(jnp.maximum(y, 0), (0, pad)).reshape(n_chunks, chunk)
-  w = jnp.pad(w, (0, pad)).reshape(n_chunks, chunk)
+  b, l, e = hidden.shape
+  rows_per_device = max(1, b // _batch_shards())
+  c = max(1, min(chunk // rows_per_device, l))
+  n_chunks = -(-l // c)
+  pad = n_chunks * c - l
+  w = jnp.where(labels == layout.IGNORE_LABEL, 0.0, weights.astype(jnp.float32))
+  split = lambda x: jnp.moveaxis(x.reshape(b, n_chunks, c, *x.shape[2:]), 1, 0)  # [n, B, c, ...]
+  h = split(jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))))
+  y = split(jnp.pad(jnp.maximum(labels, 0), ((0, 0), (0, pad))))
+  w = split(jnp.pad(w, ((0, 0), (0, pad))))
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def body(args):
-    h_c, y_c, w_c = args
-    logits = logits_fn(h_c)  # [chunk, V] fp32
+    h_c, y_c, w_c = args  # [B, c, E], [B, c], [B, c]
+    h_c = constraints.constrain(h_c, constraints.HIDDEN)
+    logits = constraints.constrain(logits_fn(h_c), constraints.LOGITS)  # [B, c, V] fp32
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
+    target = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
     return jnp.sum((lse - target) * w_c)
 
   return jnp.sum(jax.lax.map(body, (h, y, w)))
+
+
+def _batch_shards() -> int:
+  """Devices the rows are split over in the step being traced (1 outside a sharded trace)."""
+  mesh = mesh_context.current_mesh()
+  if mesh is None:
+    return 1
+  from unimage_jax.sharding import batch_shards
+  return batch_shards(mesh, mesh_context.current_rules())
 
 
 def loss_sums(model, batch, rng: jax.Array, model_cfg: ml_collections.ConfigDict, max_segments: int) -> LossSums:

@@ -1,7 +1,15 @@
 """Device mesh and logical-axis sharding (MaxText-style rules from the config).
 
-Parameters carry logical axis names (``("layers", "embed", "heads", "head_dim")``); the config's
-``logical_axis_rules`` map each name to mesh axes. Resolution drops a mesh axis already used by an
+Parameters carry logical axis names (``("layers", "embed", "heads", "head_dim")``), and so do the
+activations that matter (``("batch", "length", "act_embed")``, see ``model/constraints.py``); the
+config's ``logical_axis_rules`` map each name to mesh axes. Every sharding of the program comes
+from those rules: parameters, optimizer state, the batch (``batch_sharding``), the data
+pipeline's global arrays, activation constraints and the attention kernel's ``shard_map`` specs.
+
+Meshes follow the hardware: on TPU the device order comes from the ICI torus
+(``mesh_utils.create_device_mesh``), so a ``tensor`` group is a block of neighbouring chips, and
+``config.mesh.dcn_data`` / ``dcn_fsdp`` > 1 spread those axes across slices over the data-centre
+network (``create_hybrid_device_mesh``: ICI axes inside a slice, DCN axes across slices). Resolution drops a mesh axis already used by an
 earlier dimension of the same tensor (e.g. a square ``[embed, embed]`` weight shards only its
 first dimension) and any mesh axis that does not divide the dimension, so every rule set yields a
 valid sharding; :func:`check_mesh_compatible` reports the divisibility problems that matter
@@ -16,11 +24,18 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unimage_jax.config_validation import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+DCN_AXES = ("dcn_data", "dcn_fsdp")  # config.mesh fields: slices along data / fsdp
+
+
+def default_rules() -> list[tuple[str, Any]]:
+  from unimage_jax.config_base import base_config
+  return list(base_config().logical_axis_rules)
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -43,10 +58,68 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   return tuple(sizes)
 
 
+def dcn_shape(mesh_cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """Slices per mesh axis ``(dcn_data, dcn_fsdp, 1)``; the tensor axis never crosses slices."""
+  sizes = tuple(int(mesh_cfg.get(a, 1)) for a in DCN_AXES)
+  for axis, s in zip(DCN_AXES, sizes):
+    if s < 1:
+      raise ConfigError(f"config.mesh.{axis}={s} must be >= 1 (slices along {axis[4:]})")
+  return (*sizes, 1)
+
+
+def _slice_count(devices: Sequence[Any]) -> int:
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+  """The ``data x fsdp x tensor`` mesh over ``devices`` (all devices by default).
+
+  ``config.mesh.{data,fsdp,tensor}`` are the sizes inside one slice (ICI); ``dcn_data`` and
+  ``dcn_fsdp`` multiply the data / fsdp axes across slices, so the mesh is
+  ``(data * dcn_data, fsdp * dcn_fsdp, tensor)``. CPU and GPU devices are laid out in the order
+  given (as ``np.reshape``); TPU devices by their physical coordinates.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  dcn = dcn_shape(mesh_cfg)
+  slices = math.prod(dcn)
+  if slices > 1:
+    found = _slice_count(devices)
+    if found != slices:
+      raise ConfigError(f"config.mesh.dcn_data * dcn_fsdp = {slices} slices, but the devices come from {found} "
+                        "slice(s) (tools/aot_compile.py --num_slices plans several)")
+  if len(devices) % slices:
+    raise ConfigError(f"{len(devices)} devices do not split into {slices} slices")
+  ici = mesh_shape(mesh_cfg, len(devices) // slices)
+  if slices > 1:
+    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  elif devices[0].platform == "tpu" and len(devices) > 1:
+    array = _ici_mesh(ici, devices)
+  else:
+    array = np.asarray(devices).reshape(ici)
+  return Mesh(array, MESH_AXES)
+
+
+def _ici_mesh(shape: tuple[int, ...], devices: Sequence[Any]) -> np.ndarray:
+  """Devices of one TPU slice arranged on the torus: each mesh axis maps onto physical axes."""
+  try:
+    return mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # shapes that do not map onto whole physical axes (e.g. tensor=8 on a 4x4x4 torus)
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
+def batch_axes(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None):
+  """The mesh axes the ``batch`` rule splits rows over (present in ``mesh``; ``None`` if none)."""
+  table = dict(reversed(list(rules if rules is not None else default_rules())))  # first rule wins
+  target = table.get("batch")
+  targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+  present = tuple(a for a in targets if a in mesh.axis_names)
+  return present or None
+
+
+def batch_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> int:
+  axes = batch_axes(mesh, rules)
+  return 1 if axes is None else math.prod(mesh.shape[a] for a in axes)
 
 
 def check_mesh_compatible(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -59,9 +132,10 @@ def check_mesh_compatible(config: ml_collections.ConfigDict, mesh: Mesh) -> None
       errors.append(f"config.model.{name}={m[name]} is not divisible by config.mesh.tensor={tensor}")
   if m.vit.enabled and m.vit.num_heads % tensor:
     errors.append(f"config.model.vit.num_heads={m.vit.num_heads} is not divisible by config.mesh.tensor={tensor}")
-  batch_shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
-  if config.data.batch_size % batch_shards:
-    errors.append(f"config.data.batch_size={config.data.batch_size} is not divisible by data*fsdp={batch_shards}")
+  axes, shards = batch_axes(mesh, config.logical_axis_rules), batch_shards(mesh, config.logical_axis_rules)
+  if config.data.batch_size % shards:
+    errors.append(f"config.data.batch_size={config.data.batch_size} is not divisible by the batch rule's mesh "
+                  f"axes {'*'.join(axes)}={shards} (config.logical_axis_rules 'batch')")
   if errors:
     raise ConfigError("mesh/config mismatch:\n  " + "\n  ".join(errors))
 
@@ -96,6 +170,9 @@ def tree_shardings(abstract_tree, axes_tree, rules, mesh: Mesh):
       abstract_tree, axes_tree)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Packed rows are split over the data-parallel axes; every other dim is replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp")))
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> NamedSharding:
+  """Packed rows are split over the ``batch`` rule's mesh axes; every other dim is replicated.
+
+  ``rules`` are ``config.logical_axis_rules`` (the defaults when omitted).
+  """
+  return NamedSharding(mesh, P(batch_axes(mesh, rules)))

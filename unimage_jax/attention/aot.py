@@ -2,8 +2,9 @@
 
 Used by ``tests/test_attention_tpu_aot.py`` and ``tools/attention_memory.py``: builds a mesh over
 the devices of a TPU topology description (``jax.experimental.topologies``), and lowers and
-compiles ``value_and_grad(sum(attention(q, k, v, meta)))`` through the shard_map wrapper with
-batch over ("data", "fsdp") and heads over "tensor".
+compiles ``value_and_grad(sum(attention(q, k, v, meta)))`` through the shard_map wrapper, with
+the batch and head shardings of the default ``logical_axis_rules`` (batch over ("data", "fsdp"),
+heads over "tensor").
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from unimage_jax.attention.sharded import sharded_attention
+from unimage_jax.attention.sharded import kernel_specs, sharded_attention
+from unimage_jax.sharding import batch_axes as _batch_axes, default_rules
 from unimage_jax.layout import TokenMeta
 
 
@@ -56,12 +58,10 @@ class AttentionShape:
 
 def compile_attention_step(mesh: Mesh, shape: AttentionShape, impl: str, **attention_kwargs):
   """Lowers and compiles the sharded fwd+bwd attention step; returns the Compiled object."""
-  batch_axes = ("data", "fsdp")
-  act = P(batch_axes, None, "tensor", None)
-  meta_spec = P(batch_axes, None)
+  b, l = shape.batch, shape.length
+  act, meta_spec = kernel_specs((b, l, shape.q_heads, shape.head_dim), default_rules(), mesh)
   sh = lambda spec: NamedSharding(mesh, spec)
   dt = jnp.dtype(shape.dtype)
-  b, l = shape.batch, shape.length
   args = (
       jax.ShapeDtypeStruct((b, l, shape.q_heads, shape.head_dim), dt, sharding=sh(act)),
       jax.ShapeDtypeStruct((b, l, shape.kv_heads, shape.head_dim), dt, sharding=sh(act)),
@@ -100,7 +100,7 @@ def compile_toy_train_step(mesh: Mesh, shape: AttentionShape, impl: str, layers:
   ``lax.scan`` over layers with ``jax.checkpoint``, params sharded over "tensor", batch over
   ("data", "fsdp")) with the sharded attention inside; returns the Compiled object. Checks that
   the kernel composes with scan, remat and sharded parameters the way the model uses it."""
-  batch_axes = ("data", "fsdp")
+  batch_axes = _batch_axes(mesh, default_rules())
   sh = lambda spec: NamedSharding(mesh, spec)
   dt = jnp.dtype(shape.dtype)
   b, l, hq, hkv, d = shape.batch, shape.length, shape.q_heads, shape.kv_heads, shape.head_dim

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unimage_jax.model import constraints
+
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 normal_init: Initializer = jax.nn.initializers.normal(0.02)
 zeros_init: Initializer = jax.nn.initializers.zeros
@@ -104,4 +106,8 @@ class SwiGLU(nnx.Module):
     self.down_proj = Dense([mlp], [hidden], ["mlp"], ["embed"], **kw)
 
   def __call__(self, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), dtype)
+    """x [B, l, E] -> [B, l, E]; the [B, l, mlp] hidden follows the ``act_mlp`` rule."""
+    hidden = jax.nn.silu(self.gate_proj(x, dtype)) * self.up_proj(x, dtype)  # [B, l, mlp]
+    if hidden.ndim == 3:
+      hidden = constraints.constrain(hidden, constraints.MLP)
+    return self.down_proj(hidden, dtype)

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from unimage_jax.attention import dispatch as attention_dispatch
 from unimage_jax.attention import mesh_context
 from unimage_jax.layout import TokenMeta
-from unimage_jax.model import layers, stacking
+from unimage_jax.model import constraints, layers, stacking
 from unimage_jax.model.positional import apply_rope
 
 
@@ -55,6 +55,8 @@ class ExpertAttentionProj(nnx.Module):
   def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array, dtype: jnp.dtype):
     """x [B, l, E] -> q [B, l, Hq, D], k/v [B, l, Hkv, D] (q, k normed then rotated)."""
     q, k, v = self.q_proj(x, dtype), self.k_proj(x, dtype), self.v_proj(x, dtype)
+    q = constraints.constrain(q, constraints.QUERY)
+    k, v = (constraints.constrain(a, constraints.KEY_VALUE) for a in (k, v))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -88,7 +90,7 @@ class MoTLayer(nnx.Module):
   def _finish(self, h_und, h_gen, attn, dtype):
     """Per-expert o_proj, residual, post-attention norm and MLP on the attention output."""
     lu = h_und.shape[1]
-    attn = checkpoint_name(attn, "attention_out")
+    attn = checkpoint_name(constraints.constrain(attn, constraints.QUERY), "attention_out")
     h_und = h_und + self.und.self_attn.o_proj(attn[:, :lu], dtype).astype(h_und.dtype)
     h_gen = h_gen + self.gen.self_attn.o_proj(attn[:, lu:], dtype).astype(h_gen.dtype)
     h_und = h_und + self.und.mlp(self.und.post_attention_layernorm(h_und), dtype).astype(h_und.dtype)
@@ -97,6 +99,7 @@ class MoTLayer(nnx.Module):
 
   def __call__(self, h_und, h_gen, rope_und, rope_gen, meta: TokenMeta, cfg, compute_dtype):
     """h_und [B, Lu, E], h_gen [B, Lg, E] -> same shapes (self-attention over the packed row)."""
+    h_und, h_gen = (constraints.constrain(h, constraints.HIDDEN) for h in (h_und, h_gen))
     q, k, v = self._qkv(h_und, h_gen, rope_und, rope_gen, compute_dtype)
     return self._finish(h_und, h_gen, model_attention(q, k, v, meta, cfg), compute_dtype)  # attn [B, L, Hq, D]
 

@@ -13,7 +13,7 @@ import ml_collections
 from flax import nnx
 
 from unimage_jax.layout import TokenMeta, token_meta
-from unimage_jax.model import layers
+from unimage_jax.model import constraints, layers
 from unimage_jax.model.mot import MoTDecoder
 from unimage_jax.model.positional import rope_tables, sincos_2d_table, timestep_sinusoid
 from unimage_jax.model.vit import SiglipVisionEncoder
@@ -143,8 +143,9 @@ class UniMAGE(nnx.Module):
   def _inputs(self, batch, noisy_latents, timesteps):
     """Embeddings, RoPE tables and concatenated visibility metadata of a row (or a chunk)."""
     cfg = self.cfg
-    h_und = self.embed_und(batch)
-    h_gen = self.embed_gen(noisy_latents, timesteps, batch["gen_latent_pos"])
+    h_und = constraints.constrain(self.embed_und(batch), constraints.HIDDEN)  # [B, Lu, E]
+    h_gen = constraints.constrain(self.embed_gen(noisy_latents, timesteps, batch["gen_latent_pos"]),
+                                  constraints.HIDDEN)  # [B, Lg, E]
     rope_und = rope_tables(batch["und_positions"], cfg.head_dim, cfg.rope_theta)
     rope_gen = rope_tables(batch["gen_positions"], cfg.head_dim, cfg.rope_theta)
     meta = TokenMeta(*(jnp.concatenate([u, g], axis=1)

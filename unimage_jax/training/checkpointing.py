@@ -262,9 +262,23 @@ class Checkpointer:
       items["ema"] = ocp.args.StandardRestore(_with_shardings(abstract.ema, shardings.ema))
     saved_items = self.manager.item_metadata(step)
     has_data = data_iterator is not None and saved_items is not None and "data" in saved_items.keys()
+    elastic_states = None
+    if has_data and self.config.train.data_resume == "restart":
+      logging.warning("config.train.data_resume=restart: the data stream starts over (stories seen before repeat)")
+      has_data = False
     if has_data:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      from data_pipelines import elastic  # noqa: PLC0415 (the data package is optional for the trainer)
+      data_dir = os.path.join(self.directory, str(step), "data")
+      saved_count = elastic.saved_process_count(data_dir)
+      if saved_count is not None and saved_count != jax.process_count():
+        elastic_states = elastic.load_states(data_dir)  # every process reads all: the workdir is shared
+      else:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if elastic_states is not None:
+      message = data_iterator.resume_elastic(elastic_states, os.path.join(self.directory, str(step), "data"))
+      logging.warning("data saved by %d processes continues on %d: %s", len(elastic_states), jax.process_count(),
+                      message)
     meta = out["meta"]
     if meta["step"] != step:
       raise ValueError(f"meta step {meta['step']} does not match directory step {step}")

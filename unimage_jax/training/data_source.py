@@ -1,6 +1,6 @@
 """Where training batches come from: the Grain pipeline, or an in-memory synthetic pool.
 
-Both give an iterator of global ``jax.Array`` batches (batch axis sharded over ``data``/``fsdp``)
+Both give an iterator of global ``jax.Array`` batches (batch axis sharded by the ``batch`` rule)
 with Grain-compatible ``get_state``/``set_state``, so the checkpoint holds the exact data position
 and a resumed run sees the same batches.
 """
@@ -19,9 +19,10 @@ from unimage_jax import layout, sharding, synthetic
 from unimage_jax.model.unimage import latent_token_dim
 
 
-def to_global_arrays(local_batch: dict[str, np.ndarray], mesh: Mesh, global_rows: int) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays sharded over the mesh's batch axes."""
-  s = sharding.batch_sharding(mesh)
+def to_global_arrays(local_batch: dict[str, np.ndarray], mesh: Mesh, global_rows: int,
+                     rules=None) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded by the ``batch`` rule (``config.logical_axis_rules``)."""
+  s = sharding.batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(s, v, (global_rows, *v.shape[1:]))
           for k, v in local_batch.items()}
 
@@ -44,7 +45,7 @@ class SyntheticIterator:
   def __next__(self) -> dict[str, jax.Array]:
     local = self.pool[self.index % len(self.pool)]
     self.index += 1
-    return to_global_arrays(local, self.mesh, self.config.data.batch_size)
+    return to_global_arrays(local, self.mesh, self.config.data.batch_size, self.config.logical_axis_rules)
 
   def get_state(self) -> bytes:
     return json.dumps({"index": self.index}).encode()
@@ -54,6 +55,11 @@ class SyntheticIterator:
 
   def start_prefetch(self) -> None:
     """Grain's checkpoint handler calls this after set_state; nothing to prefetch here."""
+
+  def resume_elastic(self, states: dict, directory: str = "") -> str:
+    """Another process count: every process cycled the same pool position, so it carries over."""
+    self.index = max(json.loads(s)["index"] if isinstance(s, (str, bytes)) else s["index"] for s in states.values())
+    return f"the synthetic pool continues at batch {self.index} (exactly once)"
 
 
 def make_data_iterator(config: ml_collections.ConfigDict, mesh: Mesh):
@@ -74,5 +80,5 @@ def batch_spec(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.S
   m, d = config.model, config.data
   row = layout.empty_row(layout.BufferSizes(d.und_len, d.gen_len, d.vit_len, d.max_segments),
                          latent_token_dim(m), m.vit.patch_size**2 * 3)
-  s = sharding.batch_sharding(mesh)
+  s = sharding.batch_sharding(mesh, config.logical_axis_rules)
   return {k: jax.ShapeDtypeStruct((d.batch_size, *v.shape), jnp.dtype(v.dtype), sharding=s) for k, v in row.items()}

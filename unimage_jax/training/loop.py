@@ -17,7 +17,7 @@ from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
 from unimage_jax.errors import UserError
 from unimage_jax.model import functional
-from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib
+from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib, profiling
 from unimage_jax.training import optimizer as opt_lib
 from unimage_jax.training import state as state_lib
 from unimage_jax.training import step as step_lib
@@ -108,7 +108,7 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   batch_shardings = {k: v.sharding for k, v in batch_spec.items()}
   train_step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, optimizer), shardings, batch_shardings)
   t0 = time.time()
-  with attention_mesh(mesh):  # Pallas attention kernels run per shard of this mesh
+  with attention_mesh(mesh, config.logical_axis_rules):  # Pallas attention kernels run per shard of this mesh
     compiled = train_step.lower(state, batch_spec).compile()
   logging.info("train step compiled in %.1fs", time.time() - t0)
   flops_per_device = metrics_lib.analytic_flops_per_step(config) / mesh.size
@@ -116,16 +116,20 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   tokens_per_step = config.data.batch_size * (config.data.und_len + config.data.gen_len)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  profiler = profiling.StepProfiler(config.train.profile_steps, workdir)
   bar = _progress(config.train.steps, start)
   last: dict[str, Any] = {}
   skipped_seen = int(state.skipped)
   window_start, window_steps = time.time(), 0
   try:
     for step in range(start, config.train.steps):
-      batch = next(data)
-      state, metrics = compiled(state, batch)
-      window_steps += 1
       done = step + 1
+      profiler.before(done)  # the trace includes the step's data loading
+      batch = next(data)
+      with jax.profiler.StepTraceAnnotation("train", step_num=done):
+        state, metrics = compiled(state, batch)
+      profiler.after(done, metrics)
+      window_steps += 1
       if done % config.train.log_every == 0 or done == config.train.steps:
         fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.time() - window_start
@@ -154,6 +158,7 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
     else:
       ckpt.save(state, data, force=True)
   finally:
+    profiler.stop()
     ckpt.close()
     writer.close()
     if bar is not None:
