@@ -57,8 +57,12 @@ def test_changed_rules_keep_the_8_device_loss_equal_to_1_device(tiny_config, imp
   c.logical_axis_rules = changed_rules(c.logical_axis_rules)
   c.mesh.update(data=1, fsdp=1, tensor=1)
   one, one_grads, _, _ = _loss_and_grads(c, jax.devices()[:1])
-  c.mesh.update(data=2, fsdp=2, tensor=2)
-  eight, eight_grads, shardings, text = _loss_and_grads(c, jax.devices()[:8])
+  # the kernel in interpret mode under shard_map deadlocks XLA:CPU's 8-device collectives on 2
+  # cores; 4 devices (data x tensor) still put the changed heads/embed rules into its specs
+  sizes = dict(data=2, fsdp=2, tensor=2) if impl == "xla" else dict(data=2, fsdp=1, tensor=2)
+  c.mesh.update(**sizes)
+  n = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+  eight, eight_grads, shardings, text = _loss_and_grads(c, jax.devices()[:n])
   np.testing.assert_allclose(eight, one, rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5), eight_grads, one_grads)
   # the parameters follow the new rules: q_proj [layers, embed, heads, head_dim] splits embed over tensor
@@ -66,10 +70,11 @@ def test_changed_rules_keep_the_8_device_loss_equal_to_1_device(tiny_config, imp
   assert q.spec == P(None, "tensor", None, None)
   # and the activations are constrained: the hidden state [B, L, E] over (data, fsdp) x tensor
   assert "sharding_constraint" in text or "@Sharding" in text
-  mesh = sharding.make_mesh(c.mesh, jax.devices()[:8])
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:n])
   with attention_mesh(mesh, c.logical_axis_rules):
-    assert constraints.spec_for(constraints.HIDDEN, (4, 96, 64)) == P(("data", "fsdp"), None, "tensor")
-    assert constraints.spec_for(constraints.QUERY, (4, 96, 4, 16)) == P(("data", "fsdp"), None, None, None)
+    rows = ("data", "fsdp") if sizes["fsdp"] > 1 else "data"  # size-1 axes drop out of the spec
+    assert constraints.spec_for(constraints.HIDDEN, (4, 96, 64)) == P(rows, None, "tensor")
+    assert constraints.spec_for(constraints.QUERY, (4, 96, 4, 16)) == P(rows, None, None, None)
 
 
 def test_the_kernel_specs_and_the_batch_follow_the_rules(tiny_config):
@@ -101,6 +106,7 @@ def test_changed_rules_still_compile_and_fit_ahead_of_time(tiny_config):
   c.data.batch_size = 4
   c.mesh.update(data=1, fsdp=2, tensor=2)
   c.model.attention_impl = "auto"  # the Mosaic kernel, its shard_map specs from the changed rules
+  c.model.scan_layers = True  # one kernel call per pass in the scanned body (the tiny CPU config unrolls)
   c.logical_axis_rules = changed_rules(c.logical_axis_rules)
   plan = aot.compile_train_step(c, "v5e:2x2")
   assert plan.fits and plan.attention_impl == "pallas_tpu"

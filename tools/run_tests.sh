@@ -13,4 +13,4 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   fi
 fi
 export JAX_PLATFORMS=cpu
-python -m pytest -q -p no:cacheprovider --timeout=1500 -n 2 --durations=30 tests "$@"
+python -m pytest -q -p no:cacheprovider --timeout=1500 --tb=short -n 2 --durations=30 tests "$@"  # short tracebacks: no repr of (multi-device) arrays
