@@ -105,6 +105,8 @@ def test_director_decodes_with_the_vae_and_encodes_continuation_images(tmp_path)
   c.inference.update(num_steps=3, cache_capacity=1024)
   c.data.use_vit_context = True  # context keyframes also go through the ViT
   params, tables = functional.init_params(c.model, 0)
+  head = params["llm2vae"]["kernel"]  # zero at init: give the keyframes a dependence on their context
+  params["llm2vae"]["kernel"] = jax.random.normal(jax.random.key(5), head.shape, head.dtype) * 0.1
   director = Director(c, params, tables, load_tokenizer(c.data.tokenizer_path, c.model.vocab_size))
   assert director.use_vit and director.grid == 2
   record = decode_record(load_source(c.data.data_dir, "storyworld", "validation")[0])
@@ -121,6 +123,19 @@ def test_director_decodes_with_the_vae_and_encodes_continuation_images(tmp_path)
   more = director._draw_disentangled(script, jax.random.key(1), [record["keyframes"][0]])
   np.testing.assert_array_equal(more[0], record["keyframes"][0])
   assert len(more) == 2
+  # reference images: encoded by the VAE encoder, they take their slots first and the keyframes see them
+  encoded = []
+  encode = director.codec.encode
+  director.codec.encode = lambda x: encoded.append(np.asarray(x)) or encode(x)
+  ref = record["keyframes"][1]
+  cache = director._prefill_references(director.engine.new_cache(1, 1024), [ref, ref], 1)
+  assert int(np.asarray(cache.length)[0]) == 2 * director._context_slots() == 2 * (4 + 2 + 16 + 2)
+  assert len(encoded) == 2 and np.array_equal(encoded[0][0], ref)
+  with_ref = director.draw_keyframes(script, seed=0, mode="disentangled", references=[ref])
+  without = director.draw_keyframes(script, seed=0, mode="disentangled")
+  assert not np.array_equal(with_ref[0], without[0])
+  with pytest.raises(DirectorError, match="reference image 0 must be uint8"):
+    director.draw_keyframes(script, references=[ref.astype(np.float32)])
 
 
 def test_tiny_vae_trains_and_reconstructs_flat_frames():

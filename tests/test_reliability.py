@@ -315,4 +315,7 @@ def test_direct_cli_checks_everything_before_generating(director_workdir, tmp_pa
   (tmp_path / "file").write_text("x")
   proc = run_tool("direct.py", f"--checkpoint={director_workdir}", "--prompt=A walk", f"--output={tmp_path}/file")
   assert_user_error(proc, "direct.py", f"--output {tmp_path}/file", "is a file")
+  proc = run_tool("direct.py", f"--checkpoint={director_workdir}", "--prompt=A walk", f"--output={tmp_path}/c",
+                  f"--reference_images={tmp_path}/file,{tmp_path}/hero.png")
+  assert_user_error(proc, "direct.py", "--reference_images", "file is not a readable image")
   assert sorted(os.listdir(tmp_path)) == ["file"]  # nothing was created for the refused runs

@@ -4,6 +4,7 @@
   python tools/direct.py --checkpoint=runs/tiny --continue_from=runs/story/storyboard.json \
       --prompt="Night falls" --shots=2 --output=runs/story2
   python tools/direct.py --checkpoint=runs/tiny --heldout_story=0 --output=runs/story  # a held-out prompt
+  python tools/direct.py --checkpoint=runs/tiny_vae --prompt="..." --reference_images=hero.png,inn.png
 Sampling settings are the checkpoint config's ``inference`` block, overridable with --set key=value.
 A StoryWorld-style storyboard is also scored with the exact StoryWorld metrics (printed, and saved
 as score.json) and drawn as contact_sheet.png: the keyframes above the renderer's picture of the
@@ -28,6 +29,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _MODE = flags.DEFINE_enum("mode", None, ["auto", "interleaved", "disentangled"], "Director layout.")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "Use the raw params even when an EMA is saved.")
 _CONTINUE = flags.DEFINE_string("continue_from", None, "storyboard.json of a story to continue.")
+_REFS = flags.DEFINE_list("reference_images", [], "Comma-separated image files (character sheets, places) "
+                          "every part of the storyboard sees as context; a continued storyboard keeps its own.")
 _SET = flags.DEFINE_multi_string("set", [], "Override an inference setting, e.g. --set=cfg_text_scale=3.")
 
 
@@ -80,6 +83,7 @@ def main(argv):
   # everything the flags decide, before the checkpoint is read or anything is compiled
   storyboard_io.check_output_dir(_OUTPUT.value)
   context = storyboard_io.load_storyboard(_CONTINUE.value) if _CONTINUE.value else None
+  references = storyboard_io.read_images(_REFS.value) if _REFS.value else (context.references if context else [])
   director = Director.from_checkpoint(_CHECKPOINT.value, step=_STEP.value, use_ema=not _NO_EMA.value)
   _apply_overrides(director.inf, _SET.value)
   director.check_settings(prefix="--set=")
@@ -89,7 +93,7 @@ def main(argv):
     prompt, story_id = record["script"].prompt, record["story_id"]
     print(f"held-out story {story_id}: {prompt}")
   sb = director.direct(prompt, shots=_SHOTS.value, seed=_SEED.value, mode=_MODE.value,
-                       continue_from=context)
+                       continue_from=context, references=references)
   paths = storyboard_io.save_storyboard(sb, _OUTPUT.value)
   paths.update(_score_and_sheet(sb, story_id, _OUTPUT.value))
   print(f"{len(sb.script.shots)} shots ({sb.mode}, checkpoint step {director.step}); repairs: {sb.repairs or 'none'}")

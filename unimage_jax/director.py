@@ -13,7 +13,10 @@ Two layouts, mirroring the training tasks (``data_pipelines/sequence_plan.py``):
 
 Keyframes attend to earlier ones through their clean latents in the KV cache; a denoising step
 recomputes only the image tokens. Continuation: an existing storyboard's script (and keyframes)
-become the pre-context and the model writes further shots.
+become the pre-context and the model writes further shots. Reference images (a character sheet,
+a location photo) are encoded like context keyframes (``[ViT copy] [clean latents]``, the VAE
+encoder on the real path) and put before everything else in the rows that see images, so the
+script and every keyframe attend to them; the guidance row "without images" leaves them out.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Storyboard:
   repairs: list[str]  # empty when the raw text was already valid
   mode: str = "disentangled"
   seed: int = 0
+  references: list[np.ndarray] = dataclasses.field(default_factory=list)  # uint8 [H, W, 3] context images
 
 
 def _find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -166,6 +170,14 @@ class Director:
     tokens = self._encode(image) if latents is None else latents
     return segs + [self._image_segment(tokens, False)]
 
+  def _prefill_references(self, cache, references: Sequence[np.ndarray], rows: int):
+    """Reference images as the first context of every row that sees images (rows 0 and 1 of the
+    guidance triple; row 2 is "without images")."""
+    for image in references:
+      ctx = self._context_image(image)
+      cache, _ = self.engine.prefill(cache, [ctx, ctx, []][:rows])
+    return cache
+
   def check_settings(self, prefix: str = "config.inference.") -> None:
     """The sampling settings (after any ``--set``), before anything is compiled or sampled."""
     try:
@@ -203,9 +215,9 @@ class Director:
     return np.asarray(latents)
 
   # ------------------------------------------------------------------ the two layouts
-  def _write_script(self, prompt: str, rng, context: Script | None):
+  def _write_script(self, prompt: str, rng, context: Script | None, references: Sequence[np.ndarray] = ()):
     """Disentangled: the whole script in one text segment after the (pre-)context segment."""
-    cache = self.engine.new_cache(1, int(self.inf.cache_capacity))
+    cache = self._prefill_references(self.engine.new_cache(1, int(self.inf.cache_capacity)), references, 1)
     if context is None:
       ctx_lines = [f"<Prompt>: {prompt}"]
     else:
@@ -218,10 +230,11 @@ class Director:
     cache, text, _ = self._generate(cache, logits, rng, min(int(self.inf.max_script_tokens), budget))
     return "\n".join(ctx_lines) + "\n" + text
 
-  def _draw_disentangled(self, script: Script, rng, earlier: list[np.ndarray]) -> list[np.ndarray]:
+  def _draw_disentangled(self, script: Script, rng, earlier: list[np.ndarray],
+                         references: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
     guided = float(self.inf.cfg_text_scale) != 1.0 or float(self.inf.cfg_img_scale) != 1.0
     rows = 3 if guided else 1
-    base = self.engine.new_cache(rows, int(self.inf.cache_capacity))
+    base = self._prefill_references(self.engine.new_cache(rows, int(self.inf.cache_capacity)), references, rows)
     script_text = self._text(script_schema.render(script).splitlines())
     # rows: full context, without text (keyframes only), without images (script only)
     base, _ = self.engine.prefill(base, [[script_text], [], [script_text]][:rows])
@@ -239,9 +252,10 @@ class Director:
       base, _ = self.engine.prefill(base, [ctx_img, ctx_img, []][:rows])
     return images
 
-  def _draw_interleaved(self, script: Script, rng, earlier: list[np.ndarray]) -> list[np.ndarray]:
+  def _draw_interleaved(self, script: Script, rng, earlier: list[np.ndarray],
+                        references: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
     """Interleaved layout, teacher-forced: the script's own lines between the keyframes."""
-    cache = self.engine.new_cache(1, int(self.inf.cache_capacity))
+    cache = self._prefill_references(self.engine.new_cache(1, int(self.inf.cache_capacity)), references, 1)
     n = len(script.shots)
     tail = lambda k: [script_schema.video_line(script, k)] + ([script_schema.frame_line(script, k + 1)] if k < n else [])
     cache, _ = self.engine.prefill(cache, [[self._text(script_schema.header_lines(script) + [script_schema.frame_line(script, 1)])]])
@@ -257,16 +271,27 @@ class Director:
     return images
 
   def draw_keyframes(self, script: Script, *, seed: int = 0, mode: str | None = None,
-                     earlier: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
+                     earlier: Sequence[np.ndarray] = (), references: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
     """Keyframes for a given (validated) script, shots after ``earlier`` drawn: the image side of
     the director alone (evaluation with the true script, the overfit test)."""
     script_schema.validate(script)
     draw = self._draw_disentangled if self._mode(mode) == "disentangled" else self._draw_interleaved
-    return draw(script, jax.random.key(seed), list(earlier))
+    return draw(script, jax.random.key(seed), list(earlier), self._checked_references(references))
 
-  def _direct_interleaved(self, prompt: str, rng, shots: int | None, context: Storyboard | None):
+  def _checked_references(self, references: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """uint8 RGB images, named by position when one is not."""
+    out = []
+    for i, image in enumerate(references):
+      image = np.asarray(image)
+      if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise DirectorError(f"reference image {i} must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+      out.append(image)
+    return out
+
+  def _direct_interleaved(self, prompt: str, rng, shots: int | None, context: Storyboard | None,
+                          references: Sequence[np.ndarray] = ()):
     cap = int(self.inf.cache_capacity)
-    cache = self.engine.new_cache(1, cap)
+    cache = self._prefill_references(self.engine.new_cache(1, cap), references, 1)
     images: list[np.ndarray] = []
     if context is None:
       text = f"<Prompt>: {prompt}\n"
@@ -306,8 +331,9 @@ class Director:
 
   # ------------------------------------------------------------------ public
   def direct(self, prompt: str, *, shots: int | None = None, seed: int = 0, mode: str | None = None,
-             continue_from: Storyboard | None = None) -> Storyboard:
-    """Writes a script for ``prompt`` and draws its keyframes (``shots`` bounds the length)."""
+             continue_from: Storyboard | None = None, references: Sequence[np.ndarray] = ()) -> Storyboard:
+    """Writes a script for ``prompt`` and draws its keyframes (``shots`` bounds the length);
+    ``references`` are images every part of the storyboard sees as context."""
     if not isinstance(prompt, str) or not prompt.strip():
       raise DirectorError("the prompt is empty")
     if "\n" in prompt or any(t in prompt for t in script_schema.CONTROL_TOKENS):
@@ -315,9 +341,10 @@ class Director:
     if shots is not None and shots < 1:
       raise DirectorError(f"--shots={shots} must be >= 1")
     self.check_settings()
+    references = self._checked_references(references)
     prompt = prompt.strip()
     mode = self._mode(mode)
-    prompt_tokens = len(self.tok.encode(f"<Prompt>: {prompt}")) + 2
+    prompt_tokens = len(self.tok.encode(f"<Prompt>: {prompt}")) + 2 + len(references) * self._context_slots()
     if prompt_tokens + self.grid * self.grid + 2 + 16 > int(self.inf.cache_capacity):
       raise DirectorError(f"the prompt is {prompt_tokens} tokens, too long for config.inference.cache_capacity="
                           f"{self.inf.cache_capacity} (which must also hold the script and a {self.grid * self.grid + 2}"
@@ -325,21 +352,29 @@ class Director:
     n_old = len(continue_from.script.shots) if continue_from is not None else 0
     max_shots = None if shots is None else n_old + shots
     try:
-      return self._attempts(prompt, seed, mode, continue_from, n_old, max_shots)
+      return self._attempts(prompt, seed, mode, continue_from, n_old, max_shots, references)
     except CacheFullError as e:
       raise DirectorError(str(e)) from None
 
+  def _context_slots(self) -> int:
+    """Cache slots one context image takes (its clean latents, plus the ViT copy if read)."""
+    slots = self.grid * self.grid + 2
+    if self.use_vit:
+      side = self.image_size // self.config.model.vit.patch_size
+      slots += side * side + 2
+    return slots
+
   def _attempts(self, prompt: str, seed: int, mode: str, continue_from: Storyboard | None, n_old: int,
-                max_shots: int | None) -> Storyboard:
+                max_shots: int | None, references: Sequence[np.ndarray] = ()) -> Storyboard:
     """Samples a script (resampling an unrepairable one with the next seed) and draws its keyframes."""
     last_error = None
     for attempt in range(int(self.inf.max_attempts)):
       rng = jax.random.key(seed + 1000 * attempt)
       if mode == "disentangled":
         context = continue_from.script if continue_from is not None else None
-        raw = self._write_script(prompt, rng, context)
+        raw = self._write_script(prompt, rng, context, references)
       else:
-        raw, images = self._direct_interleaved(prompt, rng, max_shots, continue_from)
+        raw, images = self._direct_interleaved(prompt, rng, max_shots, continue_from, references)
       try:
         script, repairs = parse_or_repair(raw, prompt, max_shots)
       except UnrepairableScriptError as e:
@@ -355,10 +390,10 @@ class Director:
         repairs = [f"resampled {attempt} time(s): {last_error}"] + repairs
       if mode == "disentangled":
         earlier = continue_from.keyframes if continue_from is not None else []
-        images = self._draw_disentangled(script, jax.random.fold_in(rng, 1), earlier)
+        images = self._draw_disentangled(script, jax.random.fold_in(rng, 1), earlier, references)
       elif len(images) < len(script.shots):  # a repaired script may keep a shot whose image was not drawn
         script = dataclasses.replace(script, shots=script.shots[:len(images)])
         repairs.append(f"kept the {len(images)} shots that have keyframes")
       images = images[:len(script.shots)]
-      return Storyboard(prompt, script, images, raw, repairs, mode, seed)
+      return Storyboard(prompt, script, images, raw, repairs, mode, seed, list(references))
     raise DirectorError(f"no valid script after {self.inf.max_attempts} attempts: {last_error}")

@@ -123,13 +123,19 @@ def save_storyboard(sb, out_dir: str) -> dict[str, str]:
     path = os.path.join("keyframes", f"shot_{k:02d}.png")
     Image.fromarray(np.asarray(image, np.uint8)).save(os.path.join(out_dir, path))
     rel.append(path)
+  refs = []
+  for i, image in enumerate(getattr(sb, "references", []) or [], start=1):
+    os.makedirs(os.path.join(out_dir, "references"), exist_ok=True)
+    path = os.path.join("references", f"reference_{i:02d}.png")
+    Image.fromarray(np.asarray(image, np.uint8)).save(os.path.join(out_dir, path))
+    refs.append(path)
   script = Script(sb.script.prompt, sb.script.characters, sb.script.environments,
                   [script_schema.Shot(s.frame, s.video, p) for s, p in zip(sb.script.shots, rel)])
   paths = {name: os.path.join(out_dir, name) for name in ("storyboard.json", "storyboard.html", "handoff.jsonl")}
   with open(paths["storyboard.json"], "w") as f:
     json.dump({"prompt": sb.prompt, "mode": sb.mode, "seed": sb.seed, "script": script.to_dict(),
-               "script_text": script_schema.render(script), "raw_text": sb.raw_text, "repairs": sb.repairs},
-              f, indent=2, ensure_ascii=False)
+               "script_text": script_schema.render(script), "raw_text": sb.raw_text, "repairs": sb.repairs,
+               "references": refs}, f, indent=2, ensure_ascii=False)
   with open(paths["storyboard.html"], "w") as f:
     f.write(storyboard_html(script, rel, sb.prompt))
   with open(paths["handoff.jsonl"], "w") as f:
@@ -156,5 +162,21 @@ def load_storyboard(path: str):
     if not shot.keyframe or not os.path.exists(image_path):
       raise DirectorError(f"--continue_from {path}: keyframe of shot {k} ({shot.keyframe}) is missing")
     images.append(np.asarray(Image.open(image_path).convert("RGB")))
+  refs = read_images([os.path.join(base, p) for p in data.get("references", [])], f"--continue_from {path}: reference")
   return Storyboard(data.get("prompt", script.prompt), script, images, data.get("raw_text", ""), [],
-                    data.get("mode", "disentangled"), int(data.get("seed", 0)))
+                    data.get("mode", "disentangled"), int(data.get("seed", 0)), refs)
+
+
+def read_images(paths, what: str = "--reference_images") -> list[np.ndarray]:
+  """uint8 RGB arrays of image files; a missing or unreadable one is a DirectorError naming it."""
+  from unimage_jax.director import DirectorError
+  images = []
+  for path in paths:
+    if not os.path.isfile(path):
+      raise DirectorError(f"{what} {path} does not exist")
+    try:
+      with Image.open(path) as im:
+        images.append(np.asarray(im.convert("RGB")))
+    except (OSError, ValueError) as e:
+      raise DirectorError(f"{what} {path} is not a readable image ({e})") from None
+  return images
