@@ -14,7 +14,7 @@ USER_VAE = "artifacts/vae/flux"
 
 
 def get_config(stage: str = "stage1"):
-  """``--config=configs/bagel_7b.py:stage2`` selects the stage-2 preset (DESIGN.md section 4)."""
+  """``--config=configs/bagel_7b.py:stage2`` selects the stage-2 preset (docs/ARCHITECTURE.md §4)."""
   c = base_config()
   c.model.update(
       vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,

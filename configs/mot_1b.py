@@ -14,7 +14,7 @@ USER_VAE = "artifacts/vae/flux"
 
 
 def get_config(stage: str = "stage1"):
-  """``--config=configs/mot_1b.py:stage2`` selects the stage-2 preset (DESIGN.md section 4)."""
+  """``--config=configs/mot_1b.py:stage2`` selects the stage-2 preset (docs/ARCHITECTURE.md §4)."""
   c = base_config()
   c.model.update(
       vocab_size=152064, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=4,

@@ -4,7 +4,7 @@ from unimage_jax.config_base import apply_stage, base_config
 
 
 def get_config(stage: str = "stage1"):
-  """``--config=configs/tiny.py:stage2`` selects the stage-2 preset (DESIGN.md section 4)."""
+  """``--config=configs/tiny.py:stage2`` selects the stage-2 preset (docs/ARCHITECTURE.md §4)."""
   c = base_config()
   # hidden 256 > the 192-dim latent tokens: the velocity head must carry the noise through
   # x0 head + x0 loss, training t at the sampler's shift (README, "Diagnosing the keyframes")

@@ -16,7 +16,7 @@ from unimage_jax.config_base import apply_stage, base_config
 
 
 def get_config(stage: str = "stage1"):
-  """``--config=configs/tiny_vae.py:stage2`` selects the stage-2 preset (DESIGN.md section 4)."""
+  """``--config=configs/tiny_vae.py:stage2`` selects the stage-2 preset (docs/ARCHITECTURE.md §4)."""
   c = base_config()
   c.model.update(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=768,
                  vocab_size=1024, compute_dtype="float32", autoencoder="flux_vae", latent_channels=16,

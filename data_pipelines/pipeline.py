@@ -1,4 +1,4 @@
-"""The training input pipeline (DESIGN.md section 6), built on Grain.
+"""The training input pipeline (docs/ARCHITECTURE.md §6), built on Grain.
 
 ArrayRecord source (TFDS) -> shuffle(seed) -> repeat -> decode + task plan (random_map, keyed by
 the global element index) -> per-process slice -> pack (first-fit, checkpointable) -> batch ->

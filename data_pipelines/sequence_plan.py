@@ -1,4 +1,4 @@
-"""Task plans (DESIGN.md section 4): how one story becomes one training sample (a segment list).
+"""Task plans (docs/ARCHITECTURE.md §4): how one story becomes one training sample (a segment list).
 
 Layouts (every text segment is ``<|im_start|> ... <|im_end|>`` so the model learns to stop; each
 image is wrapped by ``<|vision_start|>``/``<|vision_end|>`` markers written by the packer):

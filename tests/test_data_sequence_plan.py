@@ -1,4 +1,4 @@
-"""Task plans: the segment layouts of DESIGN.md section 4, cuts, dropout and size errors."""
+"""Task plans: the segment layouts of docs/ARCHITECTURE.md §4, cuts, dropout and size errors."""
 
 import numpy as np
 import pytest

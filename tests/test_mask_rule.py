@@ -1,4 +1,4 @@
-"""The generalized causal rule of DESIGN.md section 3, checked against hand-written matrices."""
+"""The generalized causal rule of docs/ARCHITECTURE.md §3, checked against hand-written matrices."""
 
 import numpy as np
 import jax.numpy as jnp

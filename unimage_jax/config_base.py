@@ -12,7 +12,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
-  # ---------------------------------------------------------------- model (DESIGN.md section 3)
+  # ---------------------------------------------------------------- model (docs/ARCHITECTURE.md §3)
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 1024
   m.hidden_size = 128
@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   v.max_patches_per_side = 70  # vit_pos_embed is [70*70, hidden]
   v.layer_norm_eps = 1e-6
 
-  # ---------------------------------------------------------------- data (DESIGN.md section 6)
+  # ---------------------------------------------------------------- data (docs/ARCHITECTURE.md §6)
   d = c.data = ml_collections.ConfigDict()
   d.dataset = "storyworld"  # storyworld | storyboards | synthetic (in-memory random rows)
   d.synthetic_pool = 4  # distinct batches cycled by the synthetic source
@@ -188,7 +188,7 @@ STAGES = ("stage1", "stage2")
 
 
 def apply_stage(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-  """The curriculum of DESIGN.md section 4 as config presets.
+  """The curriculum of docs/ARCHITECTURE.md §4 as config presets.
 
   stage1, Interleaved Concept Learning: whole scripts with their keyframes, both losses, all but
   the ViT trainable. stage2, Disentangled Expert Learning: script writing (text, pre-context

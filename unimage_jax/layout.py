@@ -14,7 +14,7 @@ query may see is decided by four int32 metadata arrays per token, never by buffe
 * ``segment_kinds`` one of the ``KIND_*`` constants below
 * ``orders``       the token's index in the row's logical order (sample after sample)
 
-Visibility (DESIGN.md section 3, "generalized causal attention")::
+Visibility (docs/ARCHITECTURE.md §3, "generalized causal attention")::
 
     allowed(q, k) = q, k not padding AND same sample
                     AND (order[k] <= order[q] OR (same segment AND kind[k] is full/noise))

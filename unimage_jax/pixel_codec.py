@@ -3,7 +3,7 @@
 Why: a 2-core CPU cannot afford a VAE in every step, and StoryWorld's flat-colour keyframes need
 none. Pixels in [-1, 1] are folded space-to-depth by ``downsample`` (like the VAE's 8x, channels
 grow to ``3 * downsample**2``) and then patchified 2x2 exactly as BAGEL patchifies VAE latents
-(DESIGN.md section 10: ``[C, h*p, w*p] -> [h, w, p, p, C] -> [h*w, p*p*C]``). It is invertible, so
+(docs/ARCHITECTURE.md §10: ``[C, h*p, w*p] -> [h, w, p, p, C] -> [h*w, p*p*C]``). It is invertible, so
 decoding a generated latent is exact, and the latent statistics are those of the images.
 """
 

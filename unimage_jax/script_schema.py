@@ -1,4 +1,4 @@
-"""The multimodal script (DESIGN.md section 2): one schema for data, training, inference and eval.
+"""The multimodal script (docs/ARCHITECTURE.md §2): one schema for data, training, inference and eval.
 
 A script is a prompt, a cast of characters, a set of environments and a list of shots. Every
 mention of a character or a place is an ID tag (``<Character2>``, ``<Environment1>``): "ID

@@ -8,7 +8,7 @@ special tokens, as BAGEL's ``add_special_tokens`` does). Both expose ``encode``/
 ``vocab_size``/``special_ids`` and the control ids ``im_start``/``im_end``/``vision_start``/
 ``vision_end``.
 
-Why single symbols: ID prompting (DESIGN.md section 2) only works if ``<Character2>`` is one
+Why single symbols: ID prompting (docs/ARCHITECTURE.md §2) only works if ``<Character2>`` is one
 token everywhere, never split by the subword model; the same holds for ``<|im_start|>``, the cue
 brackets and the image markers that the packer writes around every image. :func:`check_symbols`
 verifies it for whichever tokenizer was loaded.

@@ -1,4 +1,4 @@
-"""Position encodings fixed by BAGEL (DESIGN.md section 10): RoPE, timestep sinusoid, 2D sin-cos."""
+"""Position encodings fixed by BAGEL (docs/ARCHITECTURE.md §10): RoPE, timestep sinusoid, 2D sin-cos."""
 
 from __future__ import annotations
 

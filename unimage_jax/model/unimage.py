@@ -1,6 +1,6 @@
 """UniMAGE: the whole director network (embeddings, ViT path, latent path, MoT decoder, heads).
 
-One module, BAGEL's parameter semantics (DESIGN.md sections 3 and 10), used functionally under
+One module, BAGEL's parameter semantics (docs/ARCHITECTURE.md §3 and §10), used functionally under
 jit via ``nnx.split`` / ``nnx.merge``. Inputs follow the packed-row contract of
 ``unimage_jax.layout``; the latent tokens are given already noised (the loss owns the noise).
 """

@@ -25,7 +25,7 @@ X0_MIN_T = 0.05  # x0-prediction clip of t (unimage_jax.model.unimage.X0_MIN_T)
 
 
 def visibility(sample_ids, segment_ids, kinds, orders) -> torch.Tensor:
-  """Boolean ``[B, L, L]`` mask of DESIGN.md section 3 from per-token ``[B, L]`` metadata."""
+  """Boolean ``[B, L, L]`` mask of docs/ARCHITECTURE.md §3 from per-token ``[B, L]`` metadata."""
   qs, qg, qk, qo = (x[:, :, None] for x in (sample_ids, segment_ids, kinds, orders))
   ks, kg, kk, ko = (x[:, None, :] for x in (sample_ids, segment_ids, kinds, orders))
   k_full = (kk == KIND_VIT) | (kk == KIND_CLEAN) | (kk == KIND_NOISE)

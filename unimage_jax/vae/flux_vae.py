@@ -2,7 +2,7 @@
 
 FLUX settings (the defaults): 16 latent channels, 8x downsampling (block channels 128/256/512/512,
 2 ResNet blocks per level), no quant/post-quant convs, one single-head attention in each mid block,
-latent normalisation ``z = 0.3611 * (z_raw - 0.1159)`` (DESIGN.md section 10). Sizes are
+latent normalisation ``z = 0.3611 * (z_raw - 0.1159)`` (docs/ARCHITECTURE.md §10). Sizes are
 configurable so tests run a tiny copy against diffusers.
 
 Layout: NHWC arrays (JAX's convolution layout); torch/diffusers weights are converted on import
