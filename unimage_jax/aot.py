@@ -31,7 +31,7 @@ from unimage_jax.training import step as step_lib
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
 SLICES = {
     "v4-8": "v4:2x2x1", "v4-32": "v4:2x2x4", "v4-64": "v4:2x4x4", "v4-128": "v4:4x4x4",
-    "v5p-8": "v5p:2x2x1", "v5p-32": "v5p:2x2x4", "v5p-128": "v5p:4x4x4", "v5p-256": "v5p:4x4x8",
+    "v5p-8": "v5p:2x2x1", "v5p-32": "v5p:2x2x4", "v5p-64": "v5p:2x4x4", "v5p-128": "v5p:4x4x4", "v5p-256": "v5p:4x4x8",
     "v5e-4": "v5e:2x2", "v5e-16": "v5e:4x4", "v5e-64": "v5e:8x8", "v5e-256": "v5e:16x16",
     "v6e-4": "v6e:2x2", "v6e-16": "v6e:4x4", "v6e-64": "v6e:8x8", "v6e-256": "v6e:16x16",
 }
