@@ -61,7 +61,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """Runs an absl ``main`` with the project's error reporting."""
+  """Runs an absl ``main`` with the project's error reporting (and the CPU backend's fast dots,
+  :mod:`unimage_jax.cpu_backend`, set before any backend starts)."""
+  from unimage_jax import cpu_backend
+  cpu_backend.configure()
 
   def wrapped(argv):
     try:
