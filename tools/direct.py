@@ -34,22 +34,6 @@ _REFS = flags.DEFINE_list("reference_images", [], "Comma-separated image files (
 _SET = flags.DEFINE_multi_string("set", [], "Override an inference setting, e.g. --set=cfg_text_scale=3.")
 
 
-def _apply_overrides(inference, overrides):
-  from unimage_jax.director import DirectorError
-  for item in overrides:
-    if "=" not in item:
-      raise DirectorError(f"--set={item!r} must be key=value")
-    key, value = item.split("=", 1)
-    if key not in inference:
-      raise DirectorError(f"--set: unknown inference setting {key!r}; known: {sorted(inference.keys())}")
-    old = inference[key]
-    try:
-      inference[key] = type(old)(float(value)) if isinstance(old, (int, float)) and not isinstance(old, bool) else (
-          tuple(float(x) for x in value.split(",")) if isinstance(old, (tuple, list)) else value)
-    except ValueError:
-      raise DirectorError(f"--set={item}: {value!r} is not a {type(old).__name__}") from None
-
-
 def _score_and_sheet(sb, story_id: str, out_dir: str) -> dict[str, str]:
   """Exact StoryWorld metrics of the storyboard and its contact sheet (files in ``out_dir``)."""
   from PIL import Image
@@ -85,8 +69,7 @@ def main(argv):
   context = storyboard_io.load_storyboard(_CONTINUE.value) if _CONTINUE.value else None
   references = storyboard_io.read_images(_REFS.value) if _REFS.value else (context.references if context else [])
   director = Director.from_checkpoint(_CHECKPOINT.value, step=_STEP.value, use_ema=not _NO_EMA.value)
-  _apply_overrides(director.inf, _SET.value)
-  director.check_settings(prefix="--set=")
+  director.apply_overrides(_SET.value)
   prompt, story_id = _PROMPT.value, "prompt"
   if _HELDOUT.value is not None:
     record = validation_records(director.config, _HELDOUT.value + 1)[_HELDOUT.value]

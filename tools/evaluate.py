@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,6 +35,8 @@ _USE_EMA = flags.DEFINE_bool("use_ema", True, "Use EMA weights when the checkpoi
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line, instead of "
                                     "the validation split (checkpoints only: there is no ground truth).")
 _OUTPUT = flags.DEFINE_string("output", "artifacts/eval", "Output directory.")
+_SET = flags.DEFINE_multi_string("set", [], "Override an inference setting of every checkpoint's director, "
+                                 "as tools/direct.py --set (e.g. --set=temperature=0.3).")
 _TRUE_SCRIPTS = flags.DEFINE_bool("true_scripts", False, "Also a row per checkpoint whose keyframes are drawn "
                                   "for the held-out stories' own scripts (the image side alone).")
 
@@ -64,7 +67,8 @@ def read_prompts_file(path: str) -> list[str]:
 
 # ------------------------------------------------------------------------------ scoring
 def score_checkpoint(workdir: str, prompts: list[tuple[str, str]], shots: int | None, seed: int,
-                     step: int | None, use_ema: bool, true_scripts: list | None = None) -> list[dict]:
+                     step: int | None, use_ema: bool, true_scripts: list | None = None,
+                     overrides: Sequence[str] = ()) -> list[dict]:
   """Directs every prompt and scores the storyboard; with ``true_scripts`` (records) it instead
   draws the keyframes of each record's own script (teacher forcing the text)."""
   from unimage_jax.evaluation import metrics
@@ -76,6 +80,8 @@ def score_checkpoint(workdir: str, prompts: list[tuple[str, str]], shots: int | 
     director = Director.from_checkpoint(workdir, step=step, use_ema=use_ema)
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise EvalError(f"cannot load a director from {workdir!r}: {type(e).__name__}: {e}") from None
+  if overrides:
+    director.apply_overrides(overrides)
   out = []
   if true_scripts is not None:
     from unimage_jax import script_schema
@@ -132,7 +138,8 @@ def write_outputs(output: str, results: dict[str, list[dict]]) -> dict[str, dict
 
 def run(config, checkpoints: list[str], labels: list[str], ground_truth: bool, num_prompts: int,
         shots: int | None, seed: int, output: str, step: int | None = None, use_ema: bool = True,
-        prompts_file: str | None = None, true_scripts: bool = False) -> dict[str, dict]:
+        prompts_file: str | None = None, true_scripts: bool = False,
+        overrides: Sequence[str] = ()) -> dict[str, dict]:
   """The whole evaluation; returns the averages per row label."""
   if not checkpoints and not ground_truth:
     raise EvalError("nothing to evaluate: pass --checkpoint=<workdir> and/or --ground_truth")
@@ -160,9 +167,9 @@ def run(config, checkpoints: list[str], labels: list[str], ground_truth: bool, n
     from unimage_jax.evaluation import metrics
     results[GT_LABEL] = metrics.score_ground_truth(records)
   for c, label in zip(checkpoints, labels):
-    results[label] = score_checkpoint(c, prompts, shots, seed, step, use_ema)
+    results[label] = score_checkpoint(c, prompts, shots, seed, step, use_ema, overrides=overrides)
     if true_scripts:
-      results[f"{label} (true scripts)"] = score_checkpoint(c, prompts, shots, seed, step, use_ema, records)
+      results[f"{label} (true scripts)"] = score_checkpoint(c, prompts, shots, seed, step, use_ema, records, overrides)
   return write_outputs(output, results)
 
 
@@ -172,7 +179,7 @@ def main(argv):
   try:
     averages = run(_CONFIG.value, _CHECKPOINT.value, _LABEL.value, _GROUND_TRUTH.value, _NUM_PROMPTS.value,
                    _SHOTS.value, _SEED.value, _OUTPUT.value, _STEP.value, _USE_EMA.value, _PROMPTS_FILE.value,
-                   _TRUE_SCRIPTS.value)
+                   _TRUE_SCRIPTS.value, _SET.value)
   except EvalError as e:
     print(f"evaluate.py: error: {e}", file=sys.stderr)
     sys.exit(2)

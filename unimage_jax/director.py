@@ -185,6 +185,28 @@ class Director:
     except ConfigError as e:
       raise DirectorError(str(e)) from None
 
+  def apply_overrides(self, overrides: Sequence[str]) -> None:
+    """``key=value`` items (the tools' ``--set``) onto ``config.inference``, typed like the
+    default; then :meth:`check_settings`. Unknown keys and unparsable values name the item."""
+    inference = self.inf
+    for item in overrides:
+      if "=" not in item:
+        raise DirectorError(f"--set={item!r} must be key=value")
+      key, value = item.split("=", 1)
+      if key not in inference:
+        raise DirectorError(f"--set: unknown inference setting {key!r}; known: {sorted(inference.keys())}")
+      old = inference[key]
+      try:
+        if isinstance(old, (int, float)) and not isinstance(old, bool):
+          inference[key] = type(old)(float(value))
+        elif isinstance(old, (tuple, list)):
+          inference[key] = tuple(float(x) for x in value.split(","))
+        else:
+          inference[key] = value
+      except ValueError:
+        raise DirectorError(f"--set={item}: {value!r} is not a {type(old).__name__}") from None
+    self.check_settings(prefix="--set=")
+
   def _cache_room_error(self, used: int, what: str) -> DirectorError:
     cap = int(self.inf.cache_capacity)
     return DirectorError(f"config.inference.cache_capacity={cap} leaves no room for {what} after the first "
