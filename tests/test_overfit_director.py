@@ -77,3 +77,10 @@ def test_overfit_one_story_then_draw_its_keyframes():
   errors = [float(np.mean(np.abs(a.astype(float) - b.astype(float)))) for a, b in zip(images, record["keyframes"])]
   assert result["agreement"] >= 0.9, (result["per_shot"], errors)
   assert max(errors) < 12, errors  # mean absolute pixel error (0-255) per keyframe; 400 velocity-head steps: 17-19
+
+  # the director from the prompt alone (greedy): it writes the memorised script back, valid as
+  # written, with the <Videok> tags it writes itself after each keyframe
+  director.inf.update(temperature=0.0, cfg_text_scale=1.0, cfg_img_scale=1.0)
+  sb = director.direct(script.prompt, seed=0, mode="interleaved")
+  assert metrics.validity(sb.raw_text)[0], (sb.raw_text, sb.repairs)
+  assert sb.script == script, sb.raw_text

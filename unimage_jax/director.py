@@ -348,7 +348,13 @@ class Director:
       rng, key = jax.random.split(rng)
       latents = self._sample_keyframe(cache, key, 1)
       images.append(self._decode(latents))
-      cache, logits = self.engine.prefill(cache, [[self._image_segment(latents, False), self._text([], close=False)]])
+      # the schema allows only the <Videok> line after keyframe k: the director writes its tag (one
+      # token in every tokenizer, as in a training row), as it writes the image markers; the model
+      # writes the rest of the line
+      tag = f"<Video{k}>"
+      opened = layout.TextSegment(np.asarray([self.tok.im_start] + self.tok.encode(tag), np.int32), train=False)
+      cache, logits = self.engine.prefill(cache, [[self._image_segment(latents, False), opened]])
+      text += tag
     return text, images
 
   # ------------------------------------------------------------------ public
