@@ -68,6 +68,7 @@ class PlanConfig:
   vit_cond_dropout: float
   vae_cond_dropout: float
   use_vit_context: bool
+  noised_copies: int = 1  # interleaved task: noised copies per keyframe (independent t and noise)
 
   @classmethod
   def from_config(cls, config) -> "PlanConfig":
@@ -88,7 +89,7 @@ class PlanConfig:
         vit_patch_size=m.vit.patch_size, vit_enabled=bool(m.vit.enabled), task_weights=weights,
         precontext_split_prob=d.precontext_split_prob, text_cond_dropout=d.text_cond_dropout,
         vit_cond_dropout=d.vit_cond_dropout, vae_cond_dropout=d.vae_cond_dropout,
-        use_vit_context=bool(d.use_vit_context),
+        use_vit_context=bool(d.use_vit_context), noised_copies=int(d.noised_copies),
     )
 
 
@@ -215,10 +216,13 @@ class Planner:
 
   def interleaved(self, script: Script, frames: list[np.ndarray], rng: np.random.Generator):
     """Variants: the first n shots, n = K .. 1, each with or without the text after image n.
+    Each keyframe is ``data.noised_copies`` noised copies, then the clean one the later shots see.
     A cut story's last text ends with the next ``<Frame>`` line (as everywhere before an image),
     so a cut never teaches a false stop; finer cut points let the packer fill row tails."""
     del rng
-    images = [(self._image(f, True), self._image(f, False)) for f in frames]
+    # extra noised copies share the first one's position and see the same context, and nothing
+    # sees them: more flow-loss samples per keyframe for a few gen slots and no extra text
+    images = [(self._image(f, True),) * self.cfg.noised_copies + (self._image(f, False),) for f in frames]
     n_shots = len(script.shots)
 
     def prefix(n: int, with_tail: bool) -> list[layout.Segment]:

@@ -114,3 +114,29 @@ def test_vae_configs_plan_from_cached_latents_only():
   record["latents"] = {"tokens": np.ones((k, 4, 64), np.float32), "h": 2, "w": 2}
   frames = frames_of(record, "flux_vae")
   assert len(frames) == k and isinstance(frames[0], CachedFrame) and frames[0].tokens.shape == (4, 64)
+
+
+def test_extra_noised_copies_see_what_the_first_sees_and_nothing_sees_them():
+  """``data.noised_copies=2``: each keyframe is two noised copies, then the clean one; in the
+  encoded row both copies share the RoPE position, see the same context, and no other token sees
+  either, so the row trains what a one-copy row does with twice the flow samples."""
+  from data_pipelines.pipeline import row_encoder
+  from unimage_jax.attention.reference import visibility
+  p, c = _planner(noised_copies=2, gen_len=320)
+  sample = p.plan(_record(5), np.random.default_rng(0), "interleaved")
+  k = (len(sample.segments) - 1) // 4
+  assert k >= 2 and _kinds(sample.segments) == ["T"] + ["N", "N", "C", "T"] * k
+  row = layout.stack_rows([row_encoder(c)([sample.segments])])
+  cat = lambda f: np.concatenate([row[f"und_{f}"], row[f"gen_{f}"]], axis=1)
+  meta = layout.TokenMeta(*(cat(f) for f in ("sample_ids", "segment_ids", "segment_kinds", "orders")))
+  vis = np.asarray(visibility(meta, meta))[0]  # [L, L]
+  kinds, segs, pos = meta.segment_kinds[0], meta.segment_ids[0], cat("positions")[0]
+  noise_segs = sorted({int(s) for s in segs[kinds == layout.KIND_NOISE]})
+  assert len(noise_segs) == 2 * k
+  for a, b in zip(noise_segs[::2], noise_segs[1::2]):  # the two copies of one keyframe
+    qa, qb = np.flatnonzero(segs == a), np.flatnonzero(segs == b)
+    outside = (segs != a) & (segs != b)
+    np.testing.assert_array_equal(vis[qa[0]] & outside, vis[qb[0]] & outside)
+    assert set(pos[qa]) == set(pos[qb]) and len(set(pos[qa])) == 1
+  noise = kinds == layout.KIND_NOISE
+  assert not (vis[:, noise] & (segs[:, None] != segs[None, :])[:, noise]).any()

@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.pack_max_age = 64  # a row closes once its oldest sample has waited this many samples
   d.pack_min_keep = 0.5  # a row tail may take a sample cut to >= this fraction of its tokens (1 = never cut)
   d.sqrt_length_loss_weighting = False
+  # interleaved task: noised copies of each keyframe (each its own t and noise, all seeing the same
+  # context, none seen): more flow-loss samples per encoded context (as MAR's diffusion batch)
+  d.noised_copies = 1
   # task mixture (stage 1: interleaved only; stage 2: script + keyframe)
   d.tasks = ml_collections.ConfigDict({"interleaved": 1.0, "script": 0.0, "keyframe": 0.0})
   d.precontext_split_prob = 0.5

@@ -81,6 +81,8 @@ def _data_errors(c: ml_collections.ConfigDict) -> list[str]:
   for name in ("und_len", "batch_size", "max_segments", "image_size"):
     if int(d[name]) <= 0:
       errors.append(f"config.data.{name}={d[name]} must be positive")
+  if "noised_copies" in d and int(d.noised_copies) < 1:
+    errors.append(f"config.data.noised_copies={d.noised_copies} must be >= 1")
   for name in ("gen_len", "vit_len"):
     if int(d[name]) < 0:
       errors.append(f"config.data.{name}={d[name]} must be >= 0")
