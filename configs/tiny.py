@@ -12,7 +12,9 @@ def get_config(stage: str = "stage1"):
                  mlp_dim=768, vocab_size=1024, compute_dtype="float32",
                  flow_prediction="x0", timestep_shift=3.0,
                  scan_layers=False)  # 2 layers: unrolled is faster on the CPU (BENCHMARKS.md)
-  c.data.batch_size = 4  # more, smaller steps learn more in the main job's minutes than 8-row ones
-  c.optim.learning_rate = 2e-3
-  c.train.update(steps=600, log_every=20, checkpoint_every=200)
+  # rows hold whole 12-shot stories (512-slot rows cut every story after ~8 shots, so later tags
+  # and story ends were never trained); two noised copies per keyframe (README, "Diagnosing")
+  c.data.update(batch_size=2, und_len=1024, gen_len=768, max_segments=96, noised_copies=2)
+  c.optim.update(learning_rate=3e-3, ema_decay=0.99)
+  c.train.update(steps=1000, log_every=20, checkpoint_every=250)
   return apply_stage(c, stage)

@@ -22,6 +22,9 @@ def tiny_config(root: str | None = None, num_stories: int = 120, **data):
   c.data.data_dir = f"{root}/data"
   c.data.tokenizer_path = f"{root}/tokenizer/spm.model"
   c.data.num_stories = num_stories
+  # the tests' rows: the earlier, smaller tiny rows (each test overrides what it needs)
+  c.data.update(batch_size=4, und_len=512, gen_len=256, max_segments=64, noised_copies=1)
+  c.optim.ema_decay = 0.0
   for k, v in data.items():
     if k == "tasks":
       c.data.tasks.update(v)

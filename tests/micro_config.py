@@ -11,5 +11,7 @@ def get_config():
   c.model.vit.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, patch_size=4)
   c.data.update(dataset="synthetic", und_len=96, gen_len=48, vit_len=16, max_segments=32, batch_size=2,
                 image_size=16)
+  c.data.noised_copies = 1
+  c.optim.ema_decay = 0.0
   c.train.update(log_every=1, checkpoint_every=0)
   return c
