@@ -16,5 +16,5 @@ def get_config(stage: str = "stage1"):
   # and story ends were never trained); two noised copies per keyframe (README, "Diagnosing")
   c.data.update(batch_size=2, und_len=1024, gen_len=768, max_segments=96, noised_copies=2)
   c.optim.update(learning_rate=3e-3, ema_decay=0.99)
-  c.train.update(steps=1000, log_every=20, checkpoint_every=250)
+  c.train.update(steps=900, log_every=20, checkpoint_every=300)
   return apply_stage(c, stage)
