@@ -6,7 +6,8 @@ from unimage_jax.config_loading import load_config
 from unimage_jax.config_validation import ConfigError, validate_config
 
 
-@pytest.mark.parametrize("path", ["configs/tiny.py", "configs/tiny_vae.py", "configs/mot_1b.py", "configs/bagel_7b.py"])
+@pytest.mark.parametrize("path", ["configs/tiny.py", "configs/tiny_vae.py", "configs/mot_1b.py", "configs/bagel_7b.py",
+                                  "configs/bagel_7b.py:stage1_long", "configs/bagel_7b.py:stage1_long_1024"])
 def test_shipped_configs_are_valid(path):
   validate_config(load_config(path))
 

@@ -5,6 +5,8 @@ topology on the CPU host (needs libtpu: ``pip install -e '.[tpu]'``) and prints 
 per-device memory analysis for each sequence length as a markdown table.
 
   python tools/attention_memory.py --topology=v5e:2x2 --lengths=8192,16384,32768
+  # context parallelism: rows split over a sequence axis of 4 (mesh data, fsdp, sequence, tensor)
+  python tools/attention_memory.py --topology=v5p:2x2x1 --mesh=1,1,4,1 --batch=1 --lengths=26624 --impls=pallas_tpu
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from unimage_jax.attention import aot  # noqa: E402
 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name for get_topology_desc")
 _LENGTHS = flags.DEFINE_list("lengths", ["8192", "16384", "32768"], "sequence lengths")
-_MESH = flags.DEFINE_list("mesh", ["4", "1", "1"], "mesh shape (data, fsdp, tensor)")
+_MESH = flags.DEFINE_list("mesh", ["4", "1", "1"], "mesh shape (data, fsdp, tensor), or (data, fsdp, sequence, "
+                          "tensor): rows split over sequence (context parallelism, K/V all-gathered)")
 _BATCH = flags.DEFINE_integer("batch", 4, "global batch (rows)")
 _HQ = flags.DEFINE_integer("q_heads", 28, "query heads (bagel_7b: 28)")
 _HKV = flags.DEFINE_integer("kv_heads", 4, "key/value heads (bagel_7b: 4)")
@@ -39,7 +42,10 @@ def _mib(x: int) -> str:
 
 def main(argv):
   del argv
-  mesh = aot.topology_mesh(_TOPOLOGY.value, tuple(int(x) for x in _MESH.value))
+  shape = tuple(int(x) for x in _MESH.value)
+  cp = len(shape) == 4
+  mesh = aot.topology_mesh(_TOPOLOGY.value, shape, axes=aot.CP_AXES if cp else ("data", "fsdp", "tensor"))
+  compile_step = aot.compile_cp_attention_step if cp else aot.compile_attention_step
   print(f"topology {_TOPOLOGY.value}, mesh {dict(mesh.shape)}, global batch {_BATCH.value}, "
         f"heads {_HQ.value}/{_HKV.value}, head_dim {_D.value}, {_DTYPE.value}, "
         f"kernel blocks {_BQ.value}x{_BK.value}; per-device MiB from compiled.memory_analysis()")
@@ -53,7 +59,7 @@ def main(argv):
       kw = {"block_q": _BQ.value, "block_k": _BK.value} if impl.startswith("pallas") else {}
       t = time.time()
       try:
-        stats = aot.memory_stats(aot.compile_attention_step(mesh, shape, impl, **kw))
+        stats = aot.memory_stats(compile_step(mesh, shape, impl, **kw))
       except Exception as e:  # report, e.g., an out-of-memory compile failure, and go on
         msg = str(e).splitlines()[0][:120]
         print(f"| {length} | {impl} | compile failed: {msg} | | | | {time.time() - t:.1f} |")

@@ -1,0 +1,166 @@
+"""Context parallelism: rows split over the ``sequence`` mesh axis give the unsplit loss and grads.
+
+The synthetic rows hold several samples each (text, ViT images, noised latents with their clean
+copies) and padding in both buffers. 8 host CPU devices run the XLA attentions (the reference and
+the block-skipping flash); the Pallas TPU kernel runs in interpret mode on 4 devices (8 deadlock
+XLA:CPU's collectives in interpret mode on 2 cores).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from unimage_jax import sharding, synthetic
+from unimage_jax.attention.mesh_context import attention_mesh
+from unimage_jax.config_validation import ConfigError, validate_config
+from unimage_jax.model import functional, row_shards
+from unimage_jax.training import data_source
+from unimage_jax.training import optimizer as opt_lib
+from unimage_jax.training import state as state_lib
+from unimage_jax.training import step as step_lib
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _loss_and_grads(config, devices):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_mesh_compatible(config, mesh)
+  mdef = functional.model_def(config.model)
+  params, _ = functional.abstract_params(config.model)
+  tx = opt_lib.make_optimizer(config, params)
+  shardings = state_lib.state_shardings(config, state_lib.abstract_state(config, tx), mesh)
+  state = state_lib.init_state(config, tx, shardings)
+  batch = data_source.to_global_arrays(synthetic.random_batch(config, seed=0), mesh, config.data.batch_size,
+                                       config.logical_axis_rules)
+  fn = jax.jit(step_lib.make_loss_and_grad(config, mdef),
+               in_shardings=(shardings.params, shardings.tables, {k: v.sharding for k, v in batch.items()}, None))
+  with attention_mesh(mesh, config.logical_axis_rules):
+    lowered = fn.lower(state.params, state.tables, batch, jax.random.key(3))
+  loss, metrics, grads = lowered.compile()(state.params, state.tables, batch, jax.random.key(3))
+  return float(loss), float(metrics["mse"]), jax.tree.map(np.asarray, grads), batch
+
+
+def _config(tiny_config, impl):
+  c = tiny_config
+  c.data.batch_size = 4
+  c.model.attention_impl = impl
+  c.model.update(attention_query_chunk=32)  # the reference walks several query chunks per shard
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def _unsplit(impl):
+  from unimage_jax.config_loading import load_config
+  c = _config(load_config("tests/micro_config.py"), impl)
+  c.mesh.update(data=1, fsdp=1, sequence=1, tensor=1)
+  loss, mse, grads, _ = _loss_and_grads(c, jax.devices()[:1])
+  return loss, mse, grads
+
+
+def _assert_same(split, unsplit):
+  loss, mse, grads = split[:3]
+  np.testing.assert_allclose(loss, unsplit[0], **TOL)
+  np.testing.assert_allclose(mse, unsplit[1], **TOL)
+  assert mse > 0
+  flat, ref = jax.tree.leaves(grads), jax.tree.leaves(unsplit[2])
+  for g, r in zip(flat, ref):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * max(1.0, float(np.max(np.abs(r)))))
+
+
+@pytest.mark.parametrize("impl,mesh", [
+    ("xla", dict(data=2, fsdp=1, sequence=4, tensor=1)),
+    ("xla", dict(data=2, fsdp=2, sequence=2, tensor=1)),
+    ("xla_flash", dict(data=1, fsdp=2, sequence=2, tensor=2)),
+    ("xla_flash", dict(data=2, fsdp=1, sequence=4, tensor=1)),
+])
+def test_sequence_split_rows_give_the_unsplit_loss_and_grads(tiny_config, impl, mesh):
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 host devices")
+  c = _config(tiny_config, impl)
+  c.mesh.update(**mesh)
+  split = _loss_and_grads(c, jax.devices()[:8])
+  batch = split[3]
+  seq = mesh["sequence"]
+  rows = sharding.batch_axes(sharding.make_mesh(c.mesh, jax.devices()[:8]), c.logical_axis_rules)
+  # the data's global arrays follow the axis: the und/gen buffers split over sequence, ViT not
+  assert batch["und_token_ids"].sharding.spec == P(rows, "sequence")
+  assert batch["gen_latents"].sharding.spec == P(rows, "sequence", None)
+  assert batch["vit_patches"].sharding.spec == P(rows, None, None)
+  assert batch["und_token_ids"].addressable_shards[0].data.shape == (4 // (8 // seq // mesh["tensor"]), 96 // seq)
+  _assert_same(split, _unsplit(impl))
+
+
+def test_the_pallas_kernel_runs_context_parallel_on_4_devices(tiny_config):
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 host devices")
+  c = _config(tiny_config, "pallas_tpu")  # interpret mode, inside shard_map, against gathered K/V
+  c.model.num_layers = 1
+  c.mesh.update(data=2, fsdp=1, sequence=2, tensor=1)
+  split = _loss_and_grads(c, jax.devices()[:4])
+  c.mesh.update(data=1, sequence=1)
+  _assert_same(split, _loss_and_grads(c, jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("strategy,impl,shuffle", [
+    ("ring", "xla_flash", False), ("all_gather", "xla_flash", False), ("all_gather", "xla", True)])
+def test_cp_attention_equals_the_unsplit_reference(strategy, impl, shuffle):
+  """Attention alone, 4 sequence shards: values and dq/dk/dv against the whole-row reference."""
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 host devices")
+  from jax.sharding import Mesh
+  from unimage_jax.attention import layouts
+  from unimage_jax.attention.aot import CP_AXES
+  from unimage_jax.attention.context_parallel import context_parallel_attention
+  from unimage_jax.attention.reference import reference_attention
+  mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(1, 1, 4, 1), CP_AXES)
+  rng = np.random.default_rng(0)
+  meta = layouts.random_batch_meta(rng, 2, 80, 48, shuffle=shuffle)  # L = 128: 32 slots per shard
+  q = jnp.asarray(rng.standard_normal((2, 128, 4, 16)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((2, 128, 2, 16)), jnp.float32) for _ in range(2))
+  w = jnp.asarray(rng.standard_normal((2, 128, 4, 16)), jnp.float32)
+  rules = sharding.default_rules()
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), (0, 1, 2)))
+
+  ref_val, ref_grads = loss(lambda q, k, v: reference_attention(q, k, v, meta))(q, k, v)
+  kw = dict(block_q=16, block_k=16) if impl == "xla_flash" else dict(query_chunk=16)
+  cp = lambda q, k, v: context_parallel_attention(q, k, v, meta, mesh=mesh, impl=impl, rules=rules,
+                                                  strategy=strategy, **kw)
+  val, grads = loss(cp)(q, k, v)
+  np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_join_and_split_are_inverse_and_local_to_each_shard():
+  und, gen = np.arange(2 * 12).reshape(2, 12), 100 + np.arange(2 * 8).reshape(2, 8)
+  joined = np.asarray(row_shards.join(und, gen, 4))
+  # shard i (5 slots) = its 3 und slots then its 2 gen slots
+  assert joined[0, :5].tolist() == [0, 1, 2, 100, 101] and joined[0, 5:10].tolist() == [3, 4, 5, 102, 103]
+  u, g = row_shards.split(joined, 12, 4)
+  assert (np.asarray(u) == und).all() and (np.asarray(g) == gen).all()
+  assert (np.asarray(row_shards.join(und, gen, 1)) == np.concatenate([und, gen], 1)).all()
+  assert sorted(row_shards.join_slots(12, 8, 4).tolist()) == list(range(20))
+
+
+def test_bad_sequence_configs_are_refused_before_compiling(tiny_config):
+  c = tiny_config
+  c.mesh.update(data=1, sequence=5)
+  with pytest.raises(ConfigError, match=r"config.data.und_len=96 is not divisible by the 5 sequence shards"):
+    validate_config(c)
+  c.mesh.sequence = 2
+  c.data.gen_len = 47
+  with pytest.raises(ConfigError, match=r"config.data.gen_len=47 is not divisible"):
+    validate_config(c)
+  c.data.gen_len = 48
+  c.logical_axis_rules = [(n, None if n == "length" else t) for n, t in c.logical_axis_rules]
+  with pytest.raises(ConfigError, match=r"config.mesh.sequence=2 but config.logical_axis_rules map 'length'"):
+    validate_config(c)
+  c.mesh.sequence = 0
+  with pytest.raises(ConfigError, match=r"config.mesh.sequence=0 must be positive"):
+    validate_config(c)
