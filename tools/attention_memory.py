@@ -34,6 +34,8 @@ _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "activation dtype")
 _BQ = flags.DEFINE_integer("block_q", 256, "kernel query block")
 _BK = flags.DEFINE_integer("block_k", 512, "kernel key block")
 _IMPLS = flags.DEFINE_list("impls", ["pallas_tpu", "xla"], "implementations to compile")
+_STRATEGIES = flags.DEFINE_list("strategies", ["all_gather", "ring"], "with a sequence axis: context-parallel "
+                                "strategies to compile (ring only for the XLA impls)")
 
 
 def _mib(x: int) -> str:
@@ -55,16 +57,23 @@ def main(argv):
   for length in (int(x) for x in _LENGTHS.value):
     shape = aot.AttentionShape(_BATCH.value, length, _HQ.value, _HKV.value, _D.value,
                                _DTYPE.value)
-    for impl in _IMPLS.value:
+    runs = [(impl, None) for impl in _IMPLS.value]
+    if cp:
+      runs = [(impl, st) for impl in _IMPLS.value for st in _STRATEGIES.value
+              if st == "all_gather" or impl in ("xla", "xla_flash")]
+    for impl, strategy in runs:
       kw = {"block_q": _BQ.value, "block_k": _BK.value} if impl.startswith("pallas") else {}
+      if strategy:
+        kw["strategy"] = strategy
+      label = impl if strategy is None else f"{impl} {strategy}"
       t = time.time()
       try:
         stats = aot.memory_stats(compile_step(mesh, shape, impl, **kw))
       except Exception as e:  # report, e.g., an out-of-memory compile failure, and go on
         msg = str(e).splitlines()[0][:120]
-        print(f"| {length} | {impl} | compile failed: {msg} | | | | {time.time() - t:.1f} |")
+        print(f"| {length} | {label} | compile failed: {msg} | | | | {time.time() - t:.1f} |")
         continue
-      print(f"| {length} | {impl} | {_mib(stats['argument_bytes'])} | "
+      print(f"| {length} | {label} | {_mib(stats['argument_bytes'])} | "
             f"{_mib(stats['output_bytes'])} | {_mib(stats['temp_bytes'])} | "
             f"{_mib(stats['argument_bytes'] + stats['output_bytes'] + stats['temp_bytes'])} | "
             f"{time.time() - t:.1f} |", flush=True)

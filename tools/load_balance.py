@@ -21,8 +21,8 @@ _BLOCK = flags.DEFINE_integer("block", 512, "kernel tile side (query and key blo
 ROWS = [
     ("StoryWorld-like: 4-shot stories at 256 px, 16k row", 4, 16, 4096, 12288),
     ("bagel_7b today: 2-shot fragments at 512 px, 16k row", 2, 32, 12288, 4096),
-    ("12-shot story at 512 px (stage1_long)", 12, 32, 2048, 24576),
-    ("12-shot story at 1024 px", 12, 64, 2048, 98304),
+    ("12-shot story at 512 px (stage1_long rows)", 12, 32, 4096, 24576),
+    ("12-shot story at 1024 px (stage1_long_1024 rows)", 12, 64, 8192, 98304),
 ]
 
 

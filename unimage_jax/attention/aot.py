@@ -98,6 +98,9 @@ def compile_cp_attention_step(mesh: Mesh, shape: AttentionShape, impl: str, stra
       TokenMeta(*[jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=sh(meta_spec))] * 4),
   )
 
+  if impl not in ("xla", "xla_flash"):
+    attention_kwargs = dict(attention_kwargs, interpret=False)  # the real kernel for the TPU target
+
   def step(q, k, v, meta):
     def loss(q, k, v):
       out = context_parallel_attention(q, k, v, meta, mesh=mesh, impl=impl, rules=default_rules(),
