@@ -219,6 +219,8 @@ def batch_shardings(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None,
     spec = [rows] + [None] * (len(shape) - 1)
     if len(names) > 1 and names[1] == "length" and lengths:
       spec[1] = lengths[0] if len(lengths) == 1 else lengths
+    while len(spec) > 1 and spec[-1] is None:  # P(rows) as batch_sharding gives, not P(rows, None, ...)
+      spec.pop()
     out[name] = NamedSharding(mesh, P(*spec))
   return out
 
