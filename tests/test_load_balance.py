@@ -46,6 +46,7 @@ def test_permuted_slots_give_the_same_text_loss(tiny_config):
   the ViT tokens land in their remapped slots."""
   c = tiny_config
   c.data.batch_size = 2
+  c.model.num_layers = 1
   batch = synthetic.random_batch(c, seed=1)
   c.mesh.sequence = 4
   c.data.slot_layout = "zigzag"
