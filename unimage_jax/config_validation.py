@@ -7,6 +7,8 @@ ten-minute TPU compile.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from unimage_jax.errors import UserError
@@ -201,6 +203,8 @@ def _sequence_errors(c: ml_collections.ConfigDict) -> list[str]:
       if c.data[name] % (2 * seq):
         errors.append(f"config.data.{name}={c.data[name]} is not divisible by 2 * config.mesh.sequence = "
                       f"{2 * seq} (config.data.slot_layout='zigzag' cuts each buffer into 2 chunks per shard)")
+    if not errors:
+      errors += _zigzag_tile_errors(c, seq)
   if seq == 1:
     return errors
   rules = list(c.get("logical_axis_rules", []))
@@ -212,6 +216,40 @@ def _sequence_errors(c: ml_collections.ConfigDict) -> list[str]:
   if seq > 1:
     from unimage_jax.sharding import sequence_errors  # local: sharding imports this module
     errors += sequence_errors(c, seq)
+  return errors
+
+
+def attention_tile(m: ml_collections.ConfigDict) -> int | None:
+  """Slots per side of the tiles whose block summaries decide what attention skips (None: the
+  reference, which skips nothing). ``auto`` takes the largest kernel tile (the TPU's), a multiple
+  of the others: validation does not know the backend (AOT plans for TPUs run on CPU hosts)."""
+  from unimage_jax.attention.blocked_xla import DEFAULT_BLOCK  # local: jax only when zig-zag is on
+  from unimage_jax.attention.dispatch import DEFAULT_BLOCKS
+  tiles = {"xla_flash": DEFAULT_BLOCK, **{k: math.lcm(*v) for k, v in DEFAULT_BLOCKS.items()}}
+  if m.get("context_parallel", "all_gather") == "ring":
+    return DEFAULT_BLOCK  # the ring runs the XLA flash tiles for both XLA impls
+  if m.attention_impl == "auto":
+    return math.lcm(*tiles.values())
+  return tiles.get(m.attention_impl)
+
+
+def _zigzag_tile_errors(c: ml_collections.ConfigDict, seq: int) -> list[str]:
+  """Zig-zag chunks (``buffer / (2 * sequence)``) must be whole attention tiles: a tile across two
+  chunks mixes early and late tokens of the row, is no longer provably empty, and the skipped
+  work comes back (README "Context parallelism": up to 3x the tiles). One-tile rows skip nothing."""
+  d, m = c.data, c.model
+  tile = attention_tile(m)
+  if tile is None or d.und_len + d.gen_len <= tile:
+    return []
+  ring = m.get("context_parallel", "all_gather") == "ring"
+  kernel = "config.model.context_parallel='ring'" if ring else f"config.model.attention_impl={m.attention_impl!r}"
+  errors = []
+  for name in ("und_len", "gen_len"):
+    chunk = d[name] // (2 * seq)
+    if chunk % tile:
+      errors.append(f"config.data.{name}={d[name]} gives zig-zag chunks of {chunk} slots (config.data.{name} / "
+                    f"(2 * config.mesh.sequence={seq})), not whole {tile}-slot attention tiles of {kernel}: "
+                    f"make the chunk a multiple of {tile} or use config.data.slot_layout='contiguous'")
   return errors
 
 
