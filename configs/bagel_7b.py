@@ -13,8 +13,29 @@ USER_DATA = dict(dataset="storyboards", tokenizer_path="artifacts/tokenizer/qwen
 USER_VAE = "artifacts/vae/flux"
 
 
+# Whole films in one row (README "Context parallelism"): a 12-shot story with every keyframe's
+# noised and clean latents. 512 px: 12 x 2 x 1,024 latent tokens; 1024 px: 12 x 2 x 4,096. Rows
+# are split over the `sequence` axis in the zig-zag slot layout, whose chunks (buffer / 2S) are
+# whole 512-token kernel blocks; the global batch keeps about as many tokens per step as stage 1.
+LONG_ROWS = {
+    # 28,672 tokens per row, 4 shards (v5p-128: fsdp 16 x sequence 4), 64 rows = 1.8M tokens
+    "stage1_long": dict(data=dict(image_size=512, und_len=4096, gen_len=24576, batch_size=64), sequence=4),
+    # 106,496 tokens per row, 8 shards (v5p-256: fsdp 16 x sequence 8), 16 rows = 1.7M tokens
+    "stage1_long_1024": dict(data=dict(image_size=1024, und_len=8192, gen_len=98304, batch_size=16), sequence=8),
+}
+
+
 def get_config(stage: str = "stage1"):
-  """``--config=configs/bagel_7b.py:stage2`` selects the stage-2 preset (docs/ARCHITECTURE.md §4)."""
+  """``--config=configs/bagel_7b.py:stage2`` selects the stage-2 preset (docs/ARCHITECTURE.md §4);
+  ``:stage1_long`` (512 px) and ``:stage1_long_1024`` stage 1 on whole 12-shot stories."""
+  if stage in LONG_ROWS:
+    c = get_config("stage1")
+    c.data.update(slot_layout="zigzag", **LONG_ROWS[stage]["data"])
+    # the director keeps the script and every clean keyframe of the film in its KV cache
+    c.inference.cache_capacity = c.data.und_len + c.data.gen_len // 2
+    c.mesh.update(data=1, fsdp=-1, sequence=LONG_ROWS[stage]["sequence"], tensor=1)
+    c.train.workdir = f"runs/bagel_7b_{stage[len('stage1_'):]}"
+    return c
   c = base_config()
   c.model.update(
       vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
-from unimage_jax import layout
+from unimage_jax import layout, slot_layout
 from unimage_jax.layout import BufferSizes
 
 Lengths = tuple[int, int, int, int]  # (und, gen, vit, segments)
@@ -114,13 +114,17 @@ class RowEncoder:
   """Samples -> one row dict of the batch contract (``layout.empty_row`` keys)."""
 
   def __init__(self, sizes: BufferSizes, latent_dim: int, latent_grid: int, vit_patch_dim: int,
-               vit_grid: int = 70, sqrt_length_loss_weighting: bool = False):
+               vit_grid: int = 70, sqrt_length_loss_weighting: bool = False, sequence_shards: int = 1,
+               slot_layout: str = "contiguous"):
     self.sizes, self.latent_dim, self.latent_grid = sizes, latent_dim, latent_grid
     self.vit_patch_dim, self.vit_grid, self.sqrt = vit_patch_dim, vit_grid, sqrt_length_loss_weighting
+    # context parallelism: which slots each sequence shard holds (unimage_jax/slot_layout.py)
+    self.sequence_shards, self.slot_layout = sequence_shards, slot_layout
 
   def __call__(self, samples: Sequence[Sequence[layout.Segment]]) -> dict[str, np.ndarray]:
-    return layout.pack_row(samples, self.sizes, self.latent_dim, self.latent_grid, self.vit_patch_dim,
-                           self.vit_grid, sqrt_length_loss_weighting=self.sqrt)
+    row = layout.pack_row(samples, self.sizes, self.latent_dim, self.latent_grid, self.vit_patch_dim,
+                          self.vit_grid, sqrt_length_loss_weighting=self.sqrt)
+    return slot_layout.permute_row(row, self.sequence_shards, self.slot_layout)
 
 
 def row_efficiency(row: dict[str, np.ndarray]) -> float:

@@ -55,7 +55,9 @@ def row_encoder(config) -> RowEncoder:
   return RowEncoder(cfg.sizes, latent_dim=m.latent_channels * m.latent_patch_size ** 2,
                     latent_grid=m.max_latent_grid, vit_patch_dim=m.vit.patch_size ** 2 * 3,
                     vit_grid=m.vit.max_patches_per_side,
-                    sqrt_length_loss_weighting=bool(d.sqrt_length_loss_weighting))
+                    sqrt_length_loss_weighting=bool(d.sqrt_length_loss_weighting),
+                    sequence_shards=max(int(config.mesh.get("sequence", 1)), 1),
+                    slot_layout=d.get("slot_layout", "contiguous"))
 
 
 class _OneSamplePerRow(grain.transforms.Map):
@@ -179,17 +181,17 @@ class TrainIterator(grain.DatasetIterator):
     super().__init__(self.grain_iterator)
     self.mesh = mesh
     self.config, self.process_index, self.process_count, self.start = config, process_index, process_count, start
-    self._sharding = None
-    if mesh is not None:
-      from unimage_jax import sharding  # imports jax: only in the trainer's process, not in workers
-      self._sharding = sharding.batch_sharding(mesh, rules)
+    self.mesh_rules = rules
 
   def __next__(self) -> dict[str, Any]:
     batch = next(self.grain_iterator)
-    if self._sharding is None:
+    if self.mesh is None:
       return batch
     import jax
-    return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in batch.items()}
+    from unimage_jax import sharding  # imports jax: only in the trainer's process, not in workers
+    # rows by the batch rule, the und/gen buffers' length by the length rule (context parallelism)
+    shardings = sharding.batch_shardings(self.mesh, self.mesh_rules, {k: v.shape for k, v in batch.items()})
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
   def get_state(self) -> dict[str, Any]:
     return {"stream": self.grain_iterator.get_state(), "start": self.start, "process_index": self.process_index,

@@ -26,7 +26,7 @@ def test_tiny_train_step_compiles_for_v5e_2x2(tiny_config):
   tiny_config.model.attention_impl = "auto"  # the TPU kernel, per shard
   tiny_config.model.scan_layers = True  # the TPU layout (the tiny CPU config unrolls its layers)
   plan = aot.compile_train_step(tiny_config, "v5e:2x2")
-  assert plan.devices == 4 and plan.mesh == {"data": 2, "fsdp": 2, "tensor": 1}
+  assert plan.devices == 4 and plan.mesh == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 1}
   assert plan.attention_impl == "pallas_tpu"
   assert plan.compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3  # fwd, dq, dkv in the scanned layer
   assert plan.fits and 0 < plan.total_bytes < plan.hbm_bytes == 16 << 30

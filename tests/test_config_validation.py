@@ -6,7 +6,8 @@ from unimage_jax.config_loading import load_config
 from unimage_jax.config_validation import ConfigError, validate_config
 
 
-@pytest.mark.parametrize("path", ["configs/tiny.py", "configs/tiny_vae.py", "configs/mot_1b.py", "configs/bagel_7b.py"])
+@pytest.mark.parametrize("path", ["configs/tiny.py", "configs/tiny_vae.py", "configs/mot_1b.py", "configs/bagel_7b.py",
+                                  "configs/bagel_7b.py:stage1_long", "configs/bagel_7b.py:stage1_long_1024"])
 def test_shipped_configs_are_valid(path):
   validate_config(load_config(path))
 
@@ -60,3 +61,21 @@ def test_errors_print_on_one_line():
   line = one_line(e.value)
   assert "\n" not in line and line.startswith("invalid config: config.train.log_every=0")
   assert "; config.inference.top_p=2.0 must be in (0, 1]" in line
+
+
+def test_zigzag_chunks_must_be_whole_attention_tiles():
+  """buffer / (2 * sequence) slots per chunk: a tile across two chunks mixes early and late tokens."""
+  zig = {"mesh.sequence": 2, "data.slot_layout": "zigzag"}  # tiny: und_len 512, gen_len 256
+  with pytest.raises(ConfigError) as e:
+    validate_config(load_config("configs/tiny.py", {**zig, "model.attention_impl": "pallas_tpu"}))
+  assert ("config.data.und_len=512 gives zig-zag chunks of 128 slots (config.data.und_len / (2 * "
+          "config.mesh.sequence=2)), not whole 512-slot attention tiles of config.model.attention_impl='pallas_tpu'"
+          in str(e.value))
+  assert "config.data.gen_len=256 gives zig-zag chunks of 64 slots" in str(e.value)
+  with pytest.raises(ConfigError, match=r"gen_len=256 gives .* tiles of config.model.context_parallel='ring'"):
+    validate_config(load_config("configs/tiny.py", {**zig, "model.attention_impl": "xla",
+                                                    "model.context_parallel": "ring"}))
+  validate_config(load_config("configs/tiny.py", {**zig, "model.attention_impl": "xla_flash", "data.gen_len": 512}))
+  validate_config(load_config("configs/tiny.py", {**zig, "model.attention_impl": "xla"}))  # the reference skips nothing
+  validate_config(load_config("configs/tiny.py", {**zig, "model.attention_impl": "pallas_tpu", "data.und_len": 256,
+                                                  "data.gen_len": 256}))  # one 512-slot tile per row

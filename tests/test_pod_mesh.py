@@ -27,8 +27,8 @@ def test_cpu_mesh_is_the_devices_in_order(tiny_config):
     pytest.skip("needs 8 host devices")
   devices = jax.devices()[:8]
   mesh = sharding.make_mesh(_mesh_cfg(tiny_config, data=2, fsdp=2, tensor=2), devices)
-  assert mesh.axis_names == ("data", "fsdp", "tensor")
-  assert (mesh.devices == np.asarray(devices).reshape(2, 2, 2)).all()
+  assert mesh.axis_names == ("data", "fsdp", "sequence", "tensor")
+  assert (mesh.devices == np.asarray(devices).reshape(2, 2, 1, 2)).all()
 
 
 def test_dcn_axes_need_that_many_slices(tiny_config):
@@ -46,7 +46,7 @@ def _is_box(coords) -> bool:
 
 
 def _tensor_groups(mesh):
-  return [[d.coords for d in mesh.devices[i, j]] for i in range(mesh.shape["data"]) for j in range(mesh.shape["fsdp"])]
+  return [[d.coords for d in mesh.devices[i, j].flat] for i in range(mesh.shape["data"]) for j in range(mesh.shape["fsdp"])]
 
 
 @needs_libtpu
@@ -58,7 +58,7 @@ def test_tensor_groups_are_physical_neighbours_on_v5p(tiny_config, sizes):
   devices = list(aot.topology_devices("v5p:4x4x4"))
   random.Random(0).shuffle(devices)
   mesh = sharding.make_mesh(_mesh_cfg(tiny_config, **sizes), devices)
-  assert dict(mesh.shape) == sizes
+  assert dict(mesh.shape) == {**sizes, "sequence": 1}
   assert all(_is_box(g) for g in _tensor_groups(mesh))
   naive = np.asarray(devices).reshape(tuple(sizes.values()))
   assert not all(_is_box([d.coords for d in naive[i, j]]) for i in range(naive.shape[0]) for j in range(naive.shape[1]))
@@ -72,7 +72,7 @@ def test_train_step_compiles_on_v5p_with_neighbouring_tensor_groups(tiny_config)
   mesh = sharding.make_mesh(c.mesh, aot.topology_devices("v5p:2x2x2"))
   assert all(_is_box(g) for g in _tensor_groups(mesh))
   plan = aot.compile_train_step(c, "v5p:2x2x2")
-  assert plan.mesh == {"data": 1, "fsdp": 4, "tensor": 2} and plan.fits
+  assert plan.mesh == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 2} and plan.fits
 
 
 @needs_libtpu
@@ -84,14 +84,14 @@ def test_two_slices_put_data_or_fsdp_across_dcn(tiny_config):
   c.data.batch_size = 8
   c.mesh.update(data=1, fsdp=4, tensor=1, dcn_data=2)
   mesh = sharding.make_mesh(c.mesh, aot.topology_devices("v5e:2x2", num_slices=2))
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
   assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
   by_data = aot.compile_train_step(c, "v5e:2x2", num_slices=2)
   assert by_data.num_slices == 2 and by_data.traffic.dcn_bytes > 0
   assert set(by_data.traffic.dcn_by_kind) == {"dcn-all_reduce"}
   c.mesh.update(fsdp=4, dcn_data=1, dcn_fsdp=2)
   by_fsdp = aot.compile_train_step(c, "v5e:2x2", num_slices=2)
-  assert by_fsdp.mesh == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert by_fsdp.mesh == {"data": 1, "fsdp": 8, "sequence": 1, "tensor": 1}
   assert by_fsdp.traffic.dcn_bytes > by_data.traffic.dcn_bytes
   assert "across slices (DCN)" in aot.report(by_fsdp, c)
   with pytest.raises(ConfigError, match="--num_slices=2 but config.mesh.dcn_data=1 x dcn_fsdp=4"):

@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat_policy = "none"  # none | full | dots_saveable | save_attention_out
   m.attention_impl = "auto"  # xla (reference) | xla_flash | pallas_tpu | pallas_gpu | auto
   m.attention_query_chunk = 1024  # reference attention: queries per score tile
+  # rows split over mesh.sequence: all_gather (K/V gathered, any attention_impl) | ring (K/V passed
+  # around the axis with ppermute; XLA flash tiles, attention_impl xla or xla_flash)
+  m.context_parallel = "all_gather"
   m.ce_chunk = 2048  # tokens per device per logits chunk in the CE loss (no [L, vocab] tensor)
   # image latents: "pixel" (exact space-to-depth stand-in, tiny configs) or "flux_vae"
   m.autoencoder = "pixel"
@@ -82,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   # interleaved task: noised copies of each keyframe (each its own t and noise, all seeing the same
   # context, none seen): more flow-loss samples per encoded context (as MAR's diffusion batch)
   d.noised_copies = 1
+  # context parallelism: the slots each sequence shard holds. contiguous: piece i of each buffer;
+  # zigzag: chunks i and 2S-1-i of 2S (evens the causal-like attention work; README "Context
+  # parallelism"); needs und_len and gen_len divisible by 2 * mesh.sequence
+  d.slot_layout = "contiguous"
   # task mixture (stage 1: interleaved only; stage 2: script + keyframe)
   d.tasks = ml_collections.ConfigDict({"interleaved": 1.0, "script": 0.0, "keyframe": 0.0})
   d.precontext_split_prob = 0.5
@@ -154,6 +161,10 @@ def base_config() -> ml_collections.ConfigDict:
   s.data = -1  # -1: whatever devices remain
   s.fsdp = 1
   s.tensor = 1
+  # context parallelism: every row's und and gen buffers are cut into `sequence` pieces, one per
+  # device of the axis (the 'length' rule below); attention all-gathers K/V over it (README
+  # "Context parallelism"). und_len and gen_len must be divisible by it
+  s.sequence = 1
   # slices over the data-centre network (multi-slice TPU): the mesh's data axis is data * dcn_data,
   # its fsdp axis fsdp * dcn_fsdp; data/fsdp/tensor above are the sizes inside one slice (ICI)
   s.dcn_data = 1
@@ -177,7 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
       ("vit_patch", None),
       ("timestep", None),
       ("norm", None),
-      ("length", None),  # the attention kernel needs whole rows: keep None
+      ("length", "sequence"),  # rows split over the sequence axis (a no-op while mesh.sequence = 1)
       ("act_embed", None),
       ("act_heads", "tensor"),
       ("act_kv_heads", "tensor"),

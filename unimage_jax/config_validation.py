@@ -7,6 +7,8 @@ ten-minute TPU compile.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from unimage_jax.errors import UserError
@@ -51,6 +53,12 @@ def _model_errors(m: ml_collections.ConfigDict) -> list[str]:
     errors.append(f"config.model.remat_policy={m.remat_policy!r} must be one of {REMAT}")
   if m.attention_impl not in ATTENTION_IMPLS:
     errors.append(f"config.model.attention_impl={m.attention_impl!r} must be one of {ATTENTION_IMPLS}")
+  cp = m.get("context_parallel", "all_gather")
+  if cp not in ("all_gather", "ring"):
+    errors.append(f"config.model.context_parallel={cp!r} must be 'all_gather' or 'ring'")
+  elif cp == "ring" and m.attention_impl not in ("xla", "xla_flash"):
+    errors.append(f"config.model.context_parallel='ring' runs the XLA flash tiles: set config.model.attention_impl "
+                  f"to 'xla_flash' (now {m.attention_impl!r}) or use 'all_gather'")
   if m.autoencoder not in AUTOENCODERS:
     errors.append(f"config.model.autoencoder={m.autoencoder!r} must be one of {AUTOENCODERS}")
   elif m.autoencoder == "pixel" and m.latent_channels != 3 * m.pixel_downsample**2:
@@ -162,12 +170,88 @@ def _pod_errors(c: ml_collections.ConfigDict) -> list[str]:
   for axis in ("dcn_data", "dcn_fsdp"):
     if int(c.mesh.get(axis, 1)) < 1:
       errors.append(f"config.mesh.{axis}={c.mesh[axis]} must be >= 1 (slices along {axis[4:]})")
+  errors += _sequence_errors(c)
   try:
     parse_steps(c.train.get("profile_steps", ""))
   except ValueError as e:
     errors.append(str(e))
   if c.train.get("data_resume", "auto") not in ("auto", "restart"):
     errors.append(f"config.train.data_resume={c.train.data_resume!r} must be 'auto' or 'restart'")
+  return errors
+
+
+def _rule_targets(rules, name: str) -> tuple[str, ...]:
+  for rule_name, target in rules:
+    if rule_name == name:
+      return () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+  return ()
+
+
+def _sequence_errors(c: ml_collections.ConfigDict) -> list[str]:
+  """Context parallelism (README "Context parallelism"): rows cut evenly, the rules split them."""
+  from unimage_jax.slot_layout import SLOT_LAYOUTS
+  seq = int(c.mesh.get("sequence", 1))
+  if seq == 0 or seq < -1:
+    return [f"config.mesh.sequence={seq} must be positive or -1"]
+  errors = []
+  slots = c.data.get("slot_layout", "contiguous")
+  if slots not in SLOT_LAYOUTS:
+    errors.append(f"config.data.slot_layout={slots!r} must be one of {SLOT_LAYOUTS}")
+  elif slots == "zigzag" and seq == -1:
+    errors.append("config.data.slot_layout='zigzag' needs an explicit config.mesh.sequence (the packer "
+                  "lays out the slots for it), not -1")
+  elif slots == "zigzag" and seq > 1:
+    for name in ("und_len", "gen_len"):
+      if c.data[name] % (2 * seq):
+        errors.append(f"config.data.{name}={c.data[name]} is not divisible by 2 * config.mesh.sequence = "
+                      f"{2 * seq} (config.data.slot_layout='zigzag' cuts each buffer into 2 chunks per shard)")
+    if not errors:
+      errors += _zigzag_tile_errors(c, seq)
+  if seq == 1:
+    return errors
+  rules = list(c.get("logical_axis_rules", []))
+  if "sequence" not in _rule_targets(rules, "length"):
+    errors.append(f"config.mesh.sequence={seq} but config.logical_axis_rules map 'length' to "
+                  f"{_rule_targets(rules, 'length') or None}: rows would not be split; use ('length', 'sequence')")
+  if "sequence" in _rule_targets(rules, "batch"):
+    errors.append("config.logical_axis_rules: 'batch' must not use the 'sequence' axis (it splits rows, not batches)")
+  if seq > 1:
+    from unimage_jax.sharding import sequence_errors  # local: sharding imports this module
+    errors += sequence_errors(c, seq)
+  return errors
+
+
+def attention_tile(m: ml_collections.ConfigDict) -> int | None:
+  """Slots per side of the tiles whose block summaries decide what attention skips (None: the
+  reference, which skips nothing). ``auto`` takes the largest kernel tile (the TPU's), a multiple
+  of the others: validation does not know the backend (AOT plans for TPUs run on CPU hosts)."""
+  from unimage_jax.attention.blocked_xla import DEFAULT_BLOCK  # local: jax only when zig-zag is on
+  from unimage_jax.attention.dispatch import DEFAULT_BLOCKS
+  tiles = {"xla_flash": DEFAULT_BLOCK, **{k: math.lcm(*v) for k, v in DEFAULT_BLOCKS.items()}}
+  if m.get("context_parallel", "all_gather") == "ring":
+    return DEFAULT_BLOCK  # the ring runs the XLA flash tiles for both XLA impls
+  if m.attention_impl == "auto":
+    return math.lcm(*tiles.values())
+  return tiles.get(m.attention_impl)
+
+
+def _zigzag_tile_errors(c: ml_collections.ConfigDict, seq: int) -> list[str]:
+  """Zig-zag chunks (``buffer / (2 * sequence)``) must be whole attention tiles: a tile across two
+  chunks mixes early and late tokens of the row, is no longer provably empty, and the skipped
+  work comes back (README "Context parallelism": up to 3x the tiles). One-tile rows skip nothing."""
+  d, m = c.data, c.model
+  tile = attention_tile(m)
+  if tile is None or d.und_len + d.gen_len <= tile:
+    return []
+  ring = m.get("context_parallel", "all_gather") == "ring"
+  kernel = "config.model.context_parallel='ring'" if ring else f"config.model.attention_impl={m.attention_impl!r}"
+  errors = []
+  for name in ("und_len", "gen_len"):
+    chunk = d[name] // (2 * seq)
+    if chunk % tile:
+      errors.append(f"config.data.{name}={d[name]} gives zig-zag chunks of {chunk} slots (config.data.{name} / "
+                    f"(2 * config.mesh.sequence={seq})), not whole {tile}-slot attention tiles of {kernel}: "
+                    f"make the chunk a multiple of {tile} or use config.data.slot_layout='contiguous'")
   return errors
 
 

@@ -68,18 +68,26 @@ def chunked_cross_entropy(hidden, logits_fn, labels, weights, chunk: int):
   chunks along its length and one chunk of every row is processed at a time under
   ``jax.checkpoint``, so only a ``[B, c, V]`` tile is live; the batch axis stays whole, so the
   tile keeps the rows' sharding (``batch`` rule) and ``act_vocab`` shards its vocabulary. ``chunk``
-  is the tile's tokens *per device*: ``c = chunk / rows per device``. Returns the weighted CE sum.
+  is the tile's tokens *per device*: ``c = chunk / rows per device``. Under context parallelism
+  (rows split over the ``length`` rule's axes) a tile takes ``c`` slots of every shard, so it keeps
+  the length sharding too. Returns the weighted CE sum.
   """
   b, l, e = hidden.shape
   rows_per_device = max(1, b // _batch_shards())
-  c = max(1, min(chunk // rows_per_device, l))
-  n_chunks = -(-l // c)
-  pad = n_chunks * c - l
+  shards = _length_shards(l)  # context parallelism: each device holds l / shards of every row
+  local = l // shards
+  c = max(1, min(chunk // rows_per_device, local))
+  n_chunks = -(-local // c)
+  pad = n_chunks * c - local
   w = jnp.where(labels == layout.IGNORE_LABEL, 0.0, weights.astype(jnp.float32))
-  split = lambda x: jnp.moveaxis(x.reshape(b, n_chunks, c, *x.shape[2:]), 1, 0)  # [n, B, c, ...]
-  h = split(jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))))
-  y = split(jnp.pad(jnp.maximum(labels, 0), ((0, 0), (0, pad))))
-  w = split(jnp.pad(w, ((0, 0), (0, pad))))
+
+  def split(x):  # [B, l, ...] -> [n, B, shards * c, ...]: chunk i takes c slots of every shard
+    x = x.reshape(b, shards, local, *x.shape[2:])
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3))
+    x = jnp.moveaxis(x.reshape(b, shards, n_chunks, c, *x.shape[3:]), 2, 0)
+    return x.reshape(n_chunks, b, shards * c, *x.shape[4:])
+
+  h, y, w = split(hidden), split(jnp.maximum(labels, 0)), split(w)
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def body(args):
@@ -91,6 +99,16 @@ def chunked_cross_entropy(hidden, logits_fn, labels, weights, chunk: int):
     return jnp.sum((lse - target) * w_c)
 
   return jnp.sum(jax.lax.map(body, (h, y, w)))
+
+
+def _length_shards(length: int) -> int:
+  """Pieces the rows' length is split into in the step being traced (context parallelism)."""
+  mesh = mesh_context.current_mesh()
+  if mesh is None:
+    return 1
+  from unimage_jax.sharding import length_shards
+  s = length_shards(mesh, mesh_context.current_rules())
+  return s if length % s == 0 else 1
 
 
 def _batch_shards() -> int:

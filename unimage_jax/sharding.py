@@ -29,7 +29,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unimage_jax.config_validation import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# ``sequence`` (context parallelism) sits next to ``tensor``: both exchange activations every
+# layer, so both get the closest chips of the torus; data and fsdp are the outer axes.
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 DCN_AXES = ("dcn_data", "dcn_fsdp")  # config.mesh fields: slices along data / fsdp
 
 
@@ -40,7 +42,7 @@ def default_rules() -> list[tuple[str, Any]]:
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Resolves ``-1`` ("the rest") and checks the product against the device count."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
   if sum(s == -1 for s in sizes) > 1:
     raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   for axis, s in zip(MESH_AXES, sizes):
@@ -58,13 +60,13 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   return tuple(sizes)
 
 
-def dcn_shape(mesh_cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """Slices per mesh axis ``(dcn_data, dcn_fsdp, 1)``; the tensor axis never crosses slices."""
+def dcn_shape(mesh_cfg: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+  """Slices per mesh axis ``(dcn_data, dcn_fsdp, 1, 1)``; sequence and tensor never cross slices."""
   sizes = tuple(int(mesh_cfg.get(a, 1)) for a in DCN_AXES)
   for axis, s in zip(DCN_AXES, sizes):
     if s < 1:
       raise ConfigError(f"config.mesh.{axis}={s} must be >= 1 (slices along {axis[4:]})")
-  return (*sizes, 1)
+  return (*sizes, 1, 1)
 
 
 def _slice_count(devices: Sequence[Any]) -> int:
@@ -72,11 +74,11 @@ def _slice_count(devices: Sequence[Any]) -> int:
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
-  """The ``data x fsdp x tensor`` mesh over ``devices`` (all devices by default).
+  """The ``data x fsdp x sequence x tensor`` mesh over ``devices`` (all devices by default).
 
-  ``config.mesh.{data,fsdp,tensor}`` are the sizes inside one slice (ICI); ``dcn_data`` and
-  ``dcn_fsdp`` multiply the data / fsdp axes across slices, so the mesh is
-  ``(data * dcn_data, fsdp * dcn_fsdp, tensor)``. CPU and GPU devices are laid out in the order
+  ``config.mesh.{data,fsdp,sequence,tensor}`` are the sizes inside one slice (ICI); ``dcn_data``
+  and ``dcn_fsdp`` multiply the data / fsdp axes across slices, so the mesh is
+  ``(data * dcn_data, fsdp * dcn_fsdp, sequence, tensor)``. CPU and GPU devices are laid out in the order
   given (as ``np.reshape``); TPU devices by their physical coordinates.
   """
   devices = list(jax.devices() if devices is None else devices)
@@ -136,8 +138,35 @@ def check_mesh_compatible(config: ml_collections.ConfigDict, mesh: Mesh) -> None
   if config.data.batch_size % shards:
     errors.append(f"config.data.batch_size={config.data.batch_size} is not divisible by the batch rule's mesh "
                   f"axes {'*'.join(axes)}={shards} (config.logical_axis_rules 'batch')")
+  errors += sequence_errors(config, length_shards(mesh, config.logical_axis_rules))
   if errors:
     raise ConfigError("mesh/config mismatch:\n  " + "\n  ".join(errors))
+
+
+def length_axes(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> tuple[str, ...]:
+  """The mesh axes (present, size > 1) the ``length`` rule splits every row over (context parallelism)."""
+  table = {}
+  for name, target in (rules if rules is not None else default_rules()):
+    table.setdefault(name, target)
+  target = table.get("length")
+  targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+  return tuple(a for a in targets if mesh.shape.get(a, 1) > 1)
+
+
+def length_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> int:
+  """How many pieces each row's und and gen buffers are cut into (1: whole rows per device)."""
+  return math.prod(mesh.shape[a] for a in length_axes(mesh, rules))
+
+
+def sequence_errors(config: ml_collections.ConfigDict, shards: int) -> list[str]:
+  """Row lengths a ``shards``-way context-parallel split needs (both buffers cut evenly)."""
+  d, errors = config.data, []
+  if shards > 1:
+    for name in ("und_len", "gen_len"):
+      if d[name] % shards:
+        errors.append(f"config.data.{name}={d[name]} is not divisible by the {shards} sequence shards of a row "
+                      f"(config.mesh.sequence and the 'length' rule of config.logical_axis_rules)")
+  return errors
 
 
 def logical_to_spec(
@@ -168,6 +197,32 @@ def tree_shardings(abstract_tree, axes_tree, rules, mesh: Mesh):
   return jax.tree.map(
       lambda x, axes: NamedSharding(mesh, logical_to_spec(axes, x.shape, rules, mesh)),
       abstract_tree, axes_tree)
+
+
+def batch_field_axes(name: str, ndim: int) -> tuple[str | None, ...]:
+  """Logical names of a batch field: the und/gen buffers are ``[batch, length, ...]`` (split over the
+  ``length`` rule's axes with the activations); ViT patches and the rest ``[batch, ...]``."""
+  if name.startswith(("und_", "gen_")):
+    return ("batch", "length") + (None,) * (ndim - 2)
+  return ("batch",) + (None,) * (ndim - 1)
+
+
+def batch_shardings(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None,
+                    shapes: dict[str, Sequence[int]]) -> dict[str, NamedSharding]:
+  """Per-field shardings of a global batch (``shapes``: field -> global shape), from the rules."""
+  rules = list(rules if rules is not None else default_rules())
+  rows = batch_axes(mesh, rules)
+  lengths = length_axes(mesh, rules)
+  out = {}
+  for name, shape in shapes.items():
+    names = batch_field_axes(name, len(shape))
+    spec = [rows] + [None] * (len(shape) - 1)
+    if len(names) > 1 and names[1] == "length" and lengths:
+      spec[1] = lengths[0] if len(lengths) == 1 else lengths
+    while len(spec) > 1 and spec[-1] is None:  # P(rows) as batch_sharding gives, not P(rows, None, ...)
+      spec.pop()
+    out[name] = NamedSharding(mesh, P(*spec))
+  return out
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> NamedSharding:

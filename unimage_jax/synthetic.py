@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import ml_collections
 
-from unimage_jax import layout
+from unimage_jax import layout, slot_layout
 from unimage_jax.model.unimage import latent_token_dim
 
 # Marker ids used by synthetic samples (any ids < vocab_size work for the model).
@@ -61,7 +61,8 @@ def random_batch(cfg: ml_collections.ConfigDict, seed: int = 0, samples_per_row:
       if np.all(used + need <= [sizes.und_len, sizes.gen_len, sizes.vit_len, sizes.max_segments]):
         samples.append(s)
         used += need
-    rows.append(layout.pack_row(samples, sizes, latent_token_dim(m), m.max_latent_grid,
-                                m.vit.patch_size**2 * 3, m.vit.max_patches_per_side,
-                                d.sqrt_length_loss_weighting))
+    row = layout.pack_row(samples, sizes, latent_token_dim(m), m.max_latent_grid, m.vit.patch_size**2 * 3,
+                          m.vit.max_patches_per_side, d.sqrt_length_loss_weighting)
+    rows.append(slot_layout.permute_row(row, max(int(cfg.mesh.get("sequence", 1)), 1),
+                                        d.get("slot_layout", "contiguous")))
   return layout.stack_rows(rows)

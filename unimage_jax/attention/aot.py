@@ -79,6 +79,38 @@ def compile_attention_step(mesh: Mesh, shape: AttentionShape, impl: str, **atten
   return jax.jit(step).lower(*args).compile()
 
 
+CP_AXES = ("data", "fsdp", "sequence", "tensor")
+
+
+def compile_cp_attention_step(mesh: Mesh, shape: AttentionShape, impl: str, strategy: str = "all_gather",
+                              **attention_kwargs):
+  """The fwd+bwd attention step with rows split over ``mesh``'s ``sequence`` axis (context
+  parallelism, K/V all-gathered: ``context_parallel.py``); ``mesh`` has axes :data:`CP_AXES`."""
+  from unimage_jax.attention.context_parallel import context_parallel_attention, cp_specs
+  b, l = shape.batch, shape.length
+  act, meta_spec = cp_specs((b, l, shape.q_heads, shape.head_dim), default_rules(), mesh)
+  sh = lambda spec: NamedSharding(mesh, spec)
+  dt = jnp.dtype(shape.dtype)
+  args = (
+      jax.ShapeDtypeStruct((b, l, shape.q_heads, shape.head_dim), dt, sharding=sh(act)),
+      jax.ShapeDtypeStruct((b, l, shape.kv_heads, shape.head_dim), dt, sharding=sh(act)),
+      jax.ShapeDtypeStruct((b, l, shape.kv_heads, shape.head_dim), dt, sharding=sh(act)),
+      TokenMeta(*[jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=sh(meta_spec))] * 4),
+  )
+
+  if impl not in ("xla", "xla_flash"):
+    attention_kwargs = dict(attention_kwargs, interpret=False)  # the real kernel for the TPU target
+
+  def step(q, k, v, meta):
+    def loss(q, k, v):
+      out = context_parallel_attention(q, k, v, meta, mesh=mesh, impl=impl, rules=default_rules(),
+                                       strategy=strategy, **attention_kwargs)
+      return jnp.sum(out.astype(jnp.float32))
+    return jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+
+  return jax.jit(step).lower(*args).compile()
+
+
 def memory_stats(compiled) -> dict[str, int]:
   m = compiled.memory_analysis()
   return {

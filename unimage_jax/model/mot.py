@@ -20,7 +20,8 @@ from jax.ad_checkpoint import checkpoint_name
 from unimage_jax.attention import dispatch as attention_dispatch
 from unimage_jax.attention import mesh_context
 from unimage_jax.layout import TokenMeta
-from unimage_jax.model import constraints, layers, stacking
+from unimage_jax import sharding
+from unimage_jax.model import constraints, layers, row_shards, stacking
 from unimage_jax.model.positional import apply_rope
 
 
@@ -30,6 +31,15 @@ def model_attention(q, k, v, meta: TokenMeta, cfg: ml_collections.ConfigDict):
   (``shard_map``) when a step is traced under :func:`mesh_context.attention_mesh`."""
   impl = attention_dispatch.resolve_impl(cfg.attention_impl)
   mesh = mesh_context.current_mesh()
+  if mesh is not None and sharding.length_shards(mesh, mesh_context.current_rules()) > 1:
+    from unimage_jax.attention.context_parallel import context_parallel_attention
+    # rows split over the sequence axis: every impl runs per shard against the all-gathered K/V
+    interpret = mesh.devices.flat[0].platform == "cpu"
+    kwargs = {} if impl in attention_dispatch.XLA_IMPLS else {"interpret": interpret}
+    if impl == "xla":
+      kwargs["query_chunk"] = cfg.attention_query_chunk
+    return context_parallel_attention(q, k, v, meta, mesh=mesh, impl=impl,
+                                      strategy=cfg.get("context_parallel", "all_gather"), **kwargs)
   if impl not in attention_dispatch.XLA_IMPLS and mesh is not None and mesh.size > 1:
     from unimage_jax.attention.sharded import sharded_attention
     # interpret mode only where the mesh's devices are CPUs (tests); real kernels for TPU/GPU meshes,
@@ -84,15 +94,19 @@ class MoTLayer(nnx.Module):
     """Each expert projects only its own buffer; results are concatenated along length."""
     q_u, k_u, v_u = self.und.self_attn.qkv(self.und.input_layernorm(h_und), *rope_und, dtype)
     q_g, k_g, v_g = self.gen.self_attn.qkv(self.gen.input_layernorm(h_gen), *rope_gen, dtype)
-    cat = lambda a, b: jnp.concatenate([a, b], axis=1)
-    return cat(q_u, q_g), cat(k_u, k_g), cat(v_u, v_g)  # [B, Lu+Lg, H, D]
+    shards = row_shards.length_shards(h_und.shape[1], h_gen.shape[1])
+    q = constraints.constrain(row_shards.join(q_u, q_g, shards), constraints.QUERY)
+    k, v = (constraints.constrain(row_shards.join(a, b, shards), constraints.KEY_VALUE)
+            for a, b in ((k_u, k_g), (v_u, v_g)))
+    return q, k, v  # [B, Lu+Lg, H, D], shard i = [und_i | gen_i] (row_shards.py)
 
   def _finish(self, h_und, h_gen, attn, dtype):
     """Per-expert o_proj, residual, post-attention norm and MLP on the attention output."""
     lu = h_und.shape[1]
     attn = checkpoint_name(constraints.constrain(attn, constraints.QUERY), "attention_out")
-    h_und = h_und + self.und.self_attn.o_proj(attn[:, :lu], dtype).astype(h_und.dtype)
-    h_gen = h_gen + self.gen.self_attn.o_proj(attn[:, lu:], dtype).astype(h_gen.dtype)
+    a_und, a_gen = row_shards.split(attn, lu, row_shards.length_shards(lu, h_gen.shape[1]))
+    h_und = h_und + self.und.self_attn.o_proj(a_und, dtype).astype(h_und.dtype)
+    h_gen = h_gen + self.gen.self_attn.o_proj(a_gen, dtype).astype(h_gen.dtype)
     h_und = h_und + self.und.mlp(self.und.post_attention_layernorm(h_und), dtype).astype(h_und.dtype)
     h_gen = h_gen + self.gen.mlp(self.gen.post_attention_layernorm(h_gen), dtype).astype(h_gen.dtype)
     return h_und, h_gen

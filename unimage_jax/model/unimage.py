@@ -13,7 +13,7 @@ import ml_collections
 from flax import nnx
 
 from unimage_jax.layout import TokenMeta, token_meta
-from unimage_jax.model import constraints, layers
+from unimage_jax.model import constraints, layers, row_shards
 from unimage_jax.model.mot import MoTDecoder
 from unimage_jax.model.positional import rope_tables, sincos_2d_table, timestep_sinusoid
 from unimage_jax.model.vit import SiglipVisionEncoder
@@ -148,8 +148,9 @@ class UniMAGE(nnx.Module):
                                   constraints.HIDDEN)  # [B, Lg, E]
     rope_und = rope_tables(batch["und_positions"], cfg.head_dim, cfg.rope_theta)
     rope_gen = rope_tables(batch["gen_positions"], cfg.head_dim, cfg.rope_theta)
-    meta = TokenMeta(*(jnp.concatenate([u, g], axis=1)
-                       for u, g in zip(token_meta(batch, "und"), token_meta(batch, "gen"))))
+    und_meta, gen_meta = token_meta(batch, "und"), token_meta(batch, "gen")
+    shards = row_shards.length_shards(und_meta[0].shape[1], gen_meta[0].shape[1])
+    meta = TokenMeta(*(row_shards.join(u, g, shards) for u, g in zip(und_meta, gen_meta)))  # [B, Lu+Lg]
     return h_und, h_gen, rope_und, rope_gen, meta
 
   def velocity(self, h_gen: jax.Array, noisy_latents: jax.Array, timesteps: jax.Array) -> jax.Array:

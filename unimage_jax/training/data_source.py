@@ -1,6 +1,6 @@
 """Where training batches come from: the Grain pipeline, or an in-memory synthetic pool.
 
-Both give an iterator of global ``jax.Array`` batches (batch axis sharded by the ``batch`` rule)
+Both give an iterator of global ``jax.Array`` batches (rows by the ``batch`` rule, und/gen lengths by ``length``)
 with Grain-compatible ``get_state``/``set_state``, so the checkpoint holds the exact data position
 and a resumed run sees the same batches.
 """
@@ -21,10 +21,11 @@ from unimage_jax.model.unimage import latent_token_dim
 
 def to_global_arrays(local_batch: dict[str, np.ndarray], mesh: Mesh, global_rows: int,
                      rules=None) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays sharded by the ``batch`` rule (``config.logical_axis_rules``)."""
-  s = sharding.batch_sharding(mesh, rules)
-  return {k: jax.make_array_from_process_local_data(s, v, (global_rows, *v.shape[1:]))
-          for k, v in local_batch.items()}
+  """This process's rows -> global arrays: rows by the ``batch`` rule, the und/gen buffers' length
+  by the ``length`` rule (``config.logical_axis_rules``; see ``sharding.batch_shardings``)."""
+  shapes = {k: (global_rows, *v.shape[1:]) for k, v in local_batch.items()}
+  s = sharding.batch_shardings(mesh, rules, shapes)
+  return {k: jax.make_array_from_process_local_data(s[k], v, shapes[k]) for k, v in local_batch.items()}
 
 
 class SyntheticIterator:
@@ -80,5 +81,6 @@ def batch_spec(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.S
   m, d = config.model, config.data
   row = layout.empty_row(layout.BufferSizes(d.und_len, d.gen_len, d.vit_len, d.max_segments),
                          latent_token_dim(m), m.vit.patch_size**2 * 3)
-  s = sharding.batch_sharding(mesh, config.logical_axis_rules)
-  return {k: jax.ShapeDtypeStruct((d.batch_size, *v.shape), jnp.dtype(v.dtype), sharding=s) for k, v in row.items()}
+  shapes = {k: (d.batch_size, *v.shape) for k, v in row.items()}
+  s = sharding.batch_shardings(mesh, config.logical_axis_rules, shapes)
+  return {k: jax.ShapeDtypeStruct(shapes[k], jnp.dtype(v.dtype), sharding=s[k]) for k, v in row.items()}
