@@ -65,7 +65,7 @@ def test_errors_print_on_one_line():
 
 def test_zigzag_chunks_must_be_whole_attention_tiles():
   """buffer / (2 * sequence) slots per chunk: a tile across two chunks mixes early and late tokens."""
-  zig = {"mesh.sequence": 2, "data.slot_layout": "zigzag"}  # tiny: und_len 512, gen_len 256
+  zig = {"mesh.sequence": 2, "data.slot_layout": "zigzag", "data.und_len": 512, "data.gen_len": 256}
   with pytest.raises(ConfigError) as e:
     validate_config(load_config("configs/tiny.py", {**zig, "model.attention_impl": "pallas_tpu"}))
   assert ("config.data.und_len=512 gives zig-zag chunks of 128 slots (config.data.und_len / (2 * "
