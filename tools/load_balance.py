@@ -12,7 +12,7 @@ permutation shows up there); then the attention FLOPs of one row (bagel_7b: 28 l
 of 128) that the kernels' block skipping removes.
 """
 
-from absl import app, flags
+from absl import flags
 
 _SHARDS = flags.DEFINE_list("shards", ["4", "8"], "sequence axis sizes to measure")
 _BLOCK = flags.DEFINE_integer("block", 512, "kernel tile side (query and key blocks)")
@@ -80,4 +80,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from unimage_jax import cli
+  cli.run(main)
