@@ -56,18 +56,24 @@ class AttentionShape:
   dtype: str = "bfloat16"
 
 
-def compile_attention_step(mesh: Mesh, shape: AttentionShape, impl: str, **attention_kwargs):
-  """Lowers and compiles the sharded fwd+bwd attention step; returns the Compiled object."""
+def _abstract_inputs(mesh: Mesh, shape: AttentionShape, act, meta_spec):
+  """Sharded abstract q, k, v [B, L, H, D] and metadata [B, L] of one attention step."""
   b, l = shape.batch, shape.length
-  act, meta_spec = kernel_specs((b, l, shape.q_heads, shape.head_dim), default_rules(), mesh)
   sh = lambda spec: NamedSharding(mesh, spec)
   dt = jnp.dtype(shape.dtype)
-  args = (
+  return (
       jax.ShapeDtypeStruct((b, l, shape.q_heads, shape.head_dim), dt, sharding=sh(act)),
       jax.ShapeDtypeStruct((b, l, shape.kv_heads, shape.head_dim), dt, sharding=sh(act)),
       jax.ShapeDtypeStruct((b, l, shape.kv_heads, shape.head_dim), dt, sharding=sh(act)),
       TokenMeta(*[jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=sh(meta_spec))] * 4),
   )
+
+
+def compile_attention_step(mesh: Mesh, shape: AttentionShape, impl: str, **attention_kwargs):
+  """Lowers and compiles the sharded fwd+bwd attention step; returns the Compiled object."""
+  b, l = shape.batch, shape.length
+  act, meta_spec = kernel_specs((b, l, shape.q_heads, shape.head_dim), default_rules(), mesh)
+  args = _abstract_inputs(mesh, shape, act, meta_spec)
 
   def step(q, k, v, meta):
     def loss(q, k, v):
@@ -89,14 +95,7 @@ def compile_cp_attention_step(mesh: Mesh, shape: AttentionShape, impl: str, stra
   from unimage_jax.attention.context_parallel import context_parallel_attention, cp_specs
   b, l = shape.batch, shape.length
   act, meta_spec = cp_specs((b, l, shape.q_heads, shape.head_dim), default_rules(), mesh)
-  sh = lambda spec: NamedSharding(mesh, spec)
-  dt = jnp.dtype(shape.dtype)
-  args = (
-      jax.ShapeDtypeStruct((b, l, shape.q_heads, shape.head_dim), dt, sharding=sh(act)),
-      jax.ShapeDtypeStruct((b, l, shape.kv_heads, shape.head_dim), dt, sharding=sh(act)),
-      jax.ShapeDtypeStruct((b, l, shape.kv_heads, shape.head_dim), dt, sharding=sh(act)),
-      TokenMeta(*[jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=sh(meta_spec))] * 4),
-  )
+  args = _abstract_inputs(mesh, shape, act, meta_spec)
 
   if impl not in ("xla", "xla_flash"):
     attention_kwargs = dict(attention_kwargs, interpret=False)  # the real kernel for the TPU target
