@@ -282,8 +282,16 @@ def ensure_dataset(config, verbose: bool = True) -> None:
         f"tools/train_tokenizer.py --output={d.tokenizer_path}" +
         (f", or leave a default ({default} or {default_hf_tokenizer_path(config)}), which is built on first use"
          if d.dataset == "storyworld" else ""))
+  # StoryWorld without an explicit dataset_config reads the build of this config's num_stories and
+  # image_size: build it when missing, even beside other builds (reading "the only build" there
+  # would silently train on another size or story count)
+  wanted = default_build_name(config)
+  missing = (d.dataset == "storyworld" and not d.dataset_config
+             and wanted not in builders.built_configs(d.data_dir, d.dataset))
   try:
-    builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config, default_build_name(config))
+    if missing:
+      raise builders.DatasetNotBuiltError(wanted)
+    builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config, wanted)
   except builders.DatasetNotBuiltError:
     if d.dataset != "storyworld":
       raise

@@ -293,6 +293,21 @@ def test_a_mistyped_tokenizer_path_is_an_error_not_a_new_tokenizer(tmp_path):
       os.path.abspath(data_fixtures.tiny_config().data.tokenizer_path)
 
 
+def test_ensure_dataset_builds_the_configs_own_size_beside_another_build(tmp_path):
+  """A data_dir holding another StoryWorld build gets this config's own build, not a silent read
+  of the other one (another story count trains on other data)."""
+  from data_pipelines import builders, pipeline
+  c = data_fixtures.tiny_config()  # its tokenizer exists (the 120-story fixture's)
+  c.data.data_dir = str(tmp_path / "data")
+  builders.build_storyworld(c.data.data_dir, num_stories=3, image_size=32, seed=0, num_validation=1)
+  c.data.num_stories = 5
+  pipeline.ensure_dataset(c, verbose=False)
+  assert builders.built_configs(c.data.data_dir, "storyworld") == ["n3_s32_seed0", "n5_s32_seed0"]
+  wanted = pipeline.default_build_name(c)
+  assert len(builders.load_source(c.data.data_dir, "storyworld", "train", prefer=wanted)) == 5
+  assert len(builders.load_source(c.data.data_dir, "storyworld", "train", config_name="n3_s32_seed0")) == 3
+
+
 # ------------------------------------------------------------------------------ the director's CLI
 @pytest.fixture(scope="module")
 def director_workdir(tmp_path_factory):
