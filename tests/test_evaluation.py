@@ -2,12 +2,14 @@
 lower) and the evaluate tool's input errors."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
 import types
 
 import numpy as np
+
 import pytest
 
 from configs import tiny
@@ -259,6 +261,36 @@ class _PerfectDirector:
                                  raw_text=ss.render(record["script"]), repairs=[])
 
 
+class _DirectorError(ValueError):
+  pass
+
+
+class _FailingDirector(_PerfectDirector):
+  """Fails the prompt of the second story, as a director with no valid script does."""
+
+  def direct(self, prompt, *, shots=None, seed=0):
+    if prompt == list(self.stories)[1]:
+      raise _DirectorError("no valid script after 6 attempts: the script header is invalid")
+    return super().direct(prompt, shots=shots, seed=seed)
+
+
+def test_tool_scores_a_failed_prompt_as_zero_and_goes_on(tmp_path, monkeypatch):
+  c = tiny.get_config()
+  c.data.data_dir, c.data.num_stories = str(tmp_path / "data"), 40
+  records = evaluate.validation_records(c, 3)
+  _FailingDirector.stories = {r["script"].prompt: r for r in records}
+  monkeypatch.setitem(sys.modules, "unimage_jax.director",
+                      types.SimpleNamespace(Director=_FailingDirector, DirectorError=_DirectorError))
+  (tmp_path / "run" / "checkpoints" / "7").mkdir(parents=True)
+  avgs = evaluate.run(c, [str(tmp_path / "run")], ["d"], False, 3, None, 0, str(tmp_path / "out"))
+  rows = [json.loads(l) for l in (tmp_path / "out" / "d.jsonl").read_text().splitlines()]
+  assert len(rows) == 3 and avgs["d"]["stories"] == 3
+  failed = rows[1]
+  assert failed["validity"] == 0.0 and failed["agreement"] == 0.0 and "no valid script" in failed["director_error"]
+  assert failed["prompt_names"] == 0.0 and failed["prompt_places"] == 0.0
+  assert rows[0]["validity"] == 1.0 and abs(avgs["d"]["validity"] - 2 / 3) < 1e-9
+
+
 def test_tool_ground_truth_and_checkpoint_rows(tmp_path, monkeypatch):
   c = tiny.get_config()
   c.data.data_dir, c.data.num_stories = str(tmp_path / "data"), 40  # 2 stored validation stories
@@ -267,7 +299,8 @@ def test_tool_ground_truth_and_checkpoint_rows(tmp_path, monkeypatch):
   for i, r in enumerate(records):
     assert ss.scripts_equal(r["script"], story_for(0, "validation", i).script)
   _PerfectDirector.stories = {r["script"].prompt: r for r in records}
-  monkeypatch.setitem(sys.modules, "unimage_jax.director", types.SimpleNamespace(Director=_PerfectDirector))
+  monkeypatch.setitem(sys.modules, "unimage_jax.director",
+                      types.SimpleNamespace(Director=_PerfectDirector, DirectorError=_DirectorError))
   (tmp_path / "run" / "checkpoints" / "7").mkdir(parents=True)
   out = tmp_path / "out"
   avgs = evaluate.run(c, [str(tmp_path / "run")], ["stage-1+2"], True, 4, None, 0, str(out))

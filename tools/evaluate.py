@@ -19,7 +19,7 @@ from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 
@@ -91,8 +91,14 @@ def score_checkpoint(workdir: str, prompts: list[tuple[str, str]], shots: int | 
       out.append(metrics.score_story(metrics.StoryInput(r["story_id"], script.prompt, script, images,
                                                         script_schema.render(script), [])))
     return out
+  from unimage_jax.director import DirectorError
   for i, (story_id, prompt) in enumerate(prompts):
-    sb = director.direct(prompt, shots=shots, seed=seed + i)
+    try:
+      sb = director.direct(prompt, shots=shots, seed=seed + i)
+    except DirectorError as e:  # this prompt failed (e.g. no valid script): score it, go on
+      logging.warning("evaluate.py: %s: %s", story_id, e)
+      out.append(metrics.failed_story(story_id, prompt, str(e)))
+      continue
     out.append(metrics.score_story(metrics.from_storyboard(story_id, sb)))
   return out
 

@@ -221,6 +221,17 @@ def score_story(inp: StoryInput) -> dict[str, Any]:
   return result
 
 
+def failed_story(story_id: str, prompt: str, error: str) -> dict[str, Any]:
+  """A prompt the director could not direct (no valid script within its attempts): it scores 0
+  wherever the prompt asked for something, so a failure is never dropped from the averages."""
+  names, places = prompt_mentions(prompt)
+  return {"story_id": story_id, "prompt": prompt, "shots": 0, "validity": 0.0,
+          "validity_error": error, "director_error": error, "repaired": False, "interpretable": False,
+          "script_cast_checks": [], "prompt_names": 0.0 if names else None,
+          "prompt_places": 0.0 if places else None, "prompt_count": 0.0 if names else None,
+          "cast_consistency": 0.0, "agreement": 0.0, "identity_consistency": None, "per_shot": []}
+
+
 def identity_consistency(appearances: Iterable[list[detector.Detection]]) -> float | None:
   """Share of appearances of multiply-seen characters that keep the character's usual look."""
   total = kept = 0
