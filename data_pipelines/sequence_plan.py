@@ -22,6 +22,12 @@ use to fill a row's tail (``packing.FirstFitPacker``). A cut script continuation
   Conditioning dropout for classifier-free guidance: ``text_cond_dropout`` drops both text
   segments, ``vae_cond_dropout`` drops the earlier clean keyframes, ``vit_cond_dropout`` their
   ViT copies. Dropout applies only here: in the interleaved task every segment is also a target.
+* ``header`` (stage 1, und expert, a few dozen slots): the first text segment of the interleaved
+  layout alone, [text: header + Frame1], without the images (its ``<|im_end|>`` means "draw the
+  first keyframe" there, as in the interleaved sample, not the end of the script). Copying
+  the prompt's names and places into the ``<CharacterN>`` / ``<EnvironmentN>`` lines is a small
+  share of a story's tokens; these samples give it many more examples per step for almost no
+  slots (README, "Diagnosing the keyframes").
 
 Text lines are encoded one by one (``line + "\\n"``) so a prefix of a script always has the same
 tokens as the whole script's prefix; inference must encode the same way (:func:`encode_lines`).
@@ -43,7 +49,7 @@ from unimage_jax.pixel_codec import image_to_tokens
 from unimage_jax.script_schema import Script, frame_line, header_lines, video_line
 from unimage_jax.tokenizer import Tokenizer
 
-TASKS = ("interleaved", "script", "keyframe")
+TASKS = ("interleaved", "script", "keyframe", "header")
 
 
 class SampleTooLargeError(UserError, ValueError):
@@ -208,10 +214,11 @@ class Planner:
       task = names[int(rng.choice(len(names), p=p))]
     script: Script = record["script"]
     frames = frames_of(record, self.cfg.autoencoder)
-    if task != "script" and len(frames) != len(script.shots):
+    if task not in ("script", "header") and len(frames) != len(script.shots):
       raise ValueError(f"story {record['story_id']}: {len(frames)} keyframes for {len(script.shots)} shots")
     self._cache: dict[str, list[int]] = {}
-    build = {"interleaved": self.interleaved, "script": self.script, "keyframe": self.keyframe}[task]
+    build = {"interleaved": self.interleaved, "script": self.script, "keyframe": self.keyframe,
+             "header": self.header}[task]
     return Sample(task, record["story_id"], build(script, frames, rng))
 
   def interleaved(self, script: Script, frames: list[np.ndarray], rng: np.random.Generator):
@@ -236,6 +243,12 @@ class Planner:
 
     candidates = (prefix(n, tail) for n in range(n_shots, 0, -1) for tail in (True, False))
     return self._fitting(candidates, f"the first shot of {script.prompt[:40]!r} (text + 2 images)")
+
+  def header(self, script: Script, frames, rng: np.random.Generator):
+    """The interleaved layout's first text (header + Frame1, trained), without the images."""
+    del frames, rng
+    text = self._text(header_lines(script) + [frame_line(script, 1)], True)
+    return self._fitting([[text]], f"the header of {script.prompt[:40]!r}")
 
   def script(self, script: Script, frames, rng: np.random.Generator):
     """Variants: the continuation cut after shot ``end``, end = K .. first continued shot."""

@@ -28,6 +28,17 @@ def _kinds(segs):
           ("N" if s.noised else "C") for s in segs]
 
 
+def test_header_task_is_the_interleaved_first_text_alone():
+  p, _ = _planner()
+  rec = _record(5)
+  header = p.plan(rec, np.random.default_rng(0), "header").segments
+  first = p.plan(rec, np.random.default_rng(0), "interleaved").segments[0]
+  assert _kinds(header) == ["T"] and header[0].train
+  # the same tokens as the interleaved sample's first text, <|im_end|> (= "draw keyframe 1") included
+  assert header[0].token_ids.tolist() == first.token_ids.tolist()
+  assert header[0].token_ids[-1] == p.tok.im_end
+
+
 def test_interleaved_layout():
   p, _ = _planner()
   rec = _record(5)
