@@ -127,6 +127,16 @@ def test_init_from_without_checkpoints_is_refused_before_anything_is_written(tmp
   assert not (tmp_path / "new").exists()
 
 
+def test_init_from_trains_with_an_ema(run_copy, tmp_path):
+  """Stage 2 from stage 1 with an EMA: the EMA starts as a copy of the loaded params (the step
+  donates both; shared buffers failed at the first step)."""
+  c = _micro(tmp_path / "stage2", steps=2, init_from=str(run_copy))
+  c.optim.ema_decay = 0.9
+  result = loop.train(c, devices=jax.devices()[:1])
+  assert result["step"] == 2 and np.isfinite(result["loss"])
+  assert orbax_io.finished_steps(str(tmp_path / "stage2" / "checkpoints"))[-1] == 2
+
+
 def test_steps_below_the_saved_step_say_so(run_copy, caplog):
   with pytest.raises(ConfigError, match=r"config.train.steps=1 is below the newest checkpoint's step 2"):
     loop.train(_micro(run_copy, steps=1), devices=jax.devices()[:1])

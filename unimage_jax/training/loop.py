@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
@@ -48,7 +49,10 @@ def _init_from(state, config: ml_collections.ConfigDict, shardings):
   if jax.tree.structure(state.params) != jax.tree.structure(params) or mismatch:
     raise ConfigError(f"config.train.init_from={source!r} does not match this model: {mismatch[:10] or 'different tree'}")
   params = jax.device_put(jax.tree.map(lambda x, p: x.astype(p.dtype), params, state.params), shardings.params)
-  ema = None if state.ema is None else jax.device_put(jax.tree.map(lambda x: x.astype("float32"), params), shardings.ema)
+  # the EMA starts as a copy, never the params' own buffers: the step donates both (astype of fp32
+  # params returns the same array, and donating one buffer twice fails at the first step)
+  ema = None if state.ema is None else jax.device_put(
+      jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params), shardings.ema)
   logging.warning("initialised params from %s/%d", loaded.directory, loaded.step)
   return state.replace(params=params, ema=ema, tables=jax.device_put(tables, shardings.tables))
 
