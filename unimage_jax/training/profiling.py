@@ -1,8 +1,8 @@
 """``config.train.profile_steps="a,b"``: a ``jax.profiler`` trace of steps a..b into the workdir.
 
 Why steps and not seconds: the first steps compile and warm up, so the trace should cover chosen
-steady-state steps; the trace is written under ``<workdir>/profile/plugins/profile/<run>/``, which
-TensorBoard's profile plugin (``tensorboard --logdir <workdir>/profile``) and Perfetto open.
+steady-state steps; the trace is written as ``<workdir>/profile/plugins/profile/<run>/*.xplane.pb``,
+which TensorBoard's profile plugin (``tensorboard --logdir <workdir>/profile``) opens.
 """
 
 from __future__ import annotations
