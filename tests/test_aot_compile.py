@@ -1,6 +1,9 @@
 """Ahead-of-time compile of the real sharded train step for a TPU topology (needs the tpu extra)."""
 
+import re
+
 import pytest
+from tool_runs import run_tool
 
 from unimage_jax import aot
 from unimage_jax.config_validation import ConfigError
@@ -47,3 +50,18 @@ def test_mesh_mismatch_refused_before_compiling(tiny_config):
   tiny_config.mesh.update(data=3, fsdp=1, tensor=1)
   with pytest.raises(ConfigError, match="has 3 devices but 4 are available"):
     aot.compile_train_step(tiny_config, "v5e:2x2")
+
+
+@pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_cli_plans_two_slices_and_reports_the_dcn_bytes():
+  """``tools/aot_compile.py --num_slices=2`` as a user runs it: the smallest v5e slice twice, the
+  micro config with one layer; both DCN sizes at 1, so the tool sets dcn_data=2 itself."""
+  proc = run_tool("aot_compile.py", "--config=tests/micro_config.py", "--topology=v5e:2x2", "--num_slices=2",
+                  "--config.data.batch_size=8", "--config.model.num_layers=1")
+  assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+  out = proc.stdout
+  assert "topology 2 x v5e:2x2: 8 devices, mesh {'data': 8, 'fsdp': 1, 'sequence': 1, 'tensor': 1}" in out, out
+  assert ": fits" in out, out
+  dcn = re.search(r"across slices \(DCN\) ([\d.]+) (B|KiB|MiB|GiB) in (\d+) ops \(dcn-all_reduce ", out)
+  assert dcn and float(dcn.group(1)) > 0 and int(dcn.group(3)) > 0, out  # the gradient all-reduce crosses slices
+  assert re.search(r"inside slices \(ICI\) [\d.]+ (B|KiB|MiB|GiB)", out), out
