@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import data_fixtures
+import jax
 import pytest
 
 from data_pipelines import elastic, pipeline
+from unimage_jax.training import loop
 from unimage_jax.training.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -113,3 +115,34 @@ def test_states_that_cannot_move_are_refused_with_how_to_restart():
     elastic.resume_point({0: dict(state, num_workers=2), 1: dict(state, process_index=1, num_workers=2)})
   with pytest.raises(elastic.ElasticResumeError, match="predates elastic resume.*data_resume=restart"):
     elastic.resume_point({0: state["stream"]})
+
+
+def test_a_refused_data_state_resumes_with_data_resume_restart(tmp_path):
+  """What the refusal tells the user to do: ``--config.train.data_resume=restart`` resumes the run
+  (params, optimizer, step) and starts the data stream over."""
+  config = _config(data_fixtures.built_dir(120))
+  config.train.update(workdir=str(tmp_path), steps=4, checkpoint_every=2)
+  devices = jax.devices()[:1]
+  loop.train(config, devices=devices)
+  ckpt = tmp_path / "checkpoints"
+  data = ckpt / "4" / "data"
+  (state,) = elastic.load_states(str(data)).values()
+  # as if 2 processes with 2 Grain workers each had written step 4: cannot move to 1 process
+  os.remove(data / "process_0-of-1.json")
+  for p in (0, 1):
+    (data / f"process_{p}-of-2.json").write_text(json.dumps(dict(state, process_index=p, process_count=2,
+                                                                 num_workers=2)))
+  config.train.steps = 5
+  with pytest.raises(elastic.ElasticResumeError, match=r"worker processes.*--config\.train\.data_resume=restart"):
+    loop.train(config, devices=devices)
+  # a refusal, not an unreadable step: step 4 is neither replaced by step 2 nor moved aside
+  assert sorted(p.name for p in ckpt.iterdir() if p.name[0].isdigit()) == ["2", "4"]
+  assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4]
+
+  config.train.data_resume = "restart"
+  last = loop.train(config, devices=devices)
+  assert last["step"] == 5 and [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5]
+  # the stream started over: the state saved at step 5 is that of a fresh stream after one batch
+  it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  next(it)
+  assert elastic.load_states(str(ckpt / "5" / "data"))[0] == json.loads(json.dumps(it.get_state()))

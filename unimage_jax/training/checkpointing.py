@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from unimage_jax.config_validation import ConfigError
+from unimage_jax.errors import UserError
 from unimage_jax.interchange import orbax_io
 from unimage_jax.interchange.orbax_io import CheckpointReadError, NoUsableCheckpointError  # noqa: F401 (re-exported)
 from unimage_jax.training.state import TrainState
@@ -224,6 +225,10 @@ class Checkpointer:
       self._check_shapes(step, abstract)  # a different model is refused, never taken for corruption
       try:
         return self._restore(step, abstract, shardings, data_iterator)
+      except UserError:
+        # refused, not unreadable (e.g. elastic.ElasticResumeError: a data position that cannot move
+        # to this process count): the message says how to resume; never fall back or move the step aside
+        raise
       except Exception as e:  # noqa: BLE001 - any failure to read a step falls back to the previous
         raise CheckpointReadError(orbax_io.error_summary(e)) from None
 
