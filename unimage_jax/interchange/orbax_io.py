@@ -35,6 +35,8 @@ CHUNK_BYTES = 64 << 20
 # Orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>`` and renames it when finished.
 _UNFINISHED = re.compile(r"^\d+\.orbax-checkpoint-tmp-\d+$")
 CORRUPT_SUFFIX = ".corrupt"
+# value types Orbax stores as TensorStore arrays (strings and empty nodes live in the metadata files)
+_TENSORSTORE_TYPES = ("jax.Array", "np.ndarray", "scalar")
 
 PyTree = Any
 T = TypeVar("T")
@@ -206,10 +208,52 @@ class LazyCheckpoint:
   def item_dir(self, item: str) -> str:
     return os.path.join(self.directory, str(self.step), item)
 
+  def _context(self):
+    if self._ts_context is None:
+      import tensorstore as ts
+      self._ts_context = ts.Context({"cache_pool#ocdbt": {}})
+    return self._ts_context
+
+  def _read_spec(self, item: str, name: str, use_zarr3: bool) -> dict:
+    from etils import epath
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+    info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(self.item_dir(item)), use_zarr3=use_zarr3,
+                                       ts_context=self._context())
+    use_ocdbt = os.path.exists(os.path.join(self.item_dir(item), "manifest.ocdbt"))
+    return tensorstore_utils.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+
+  def _check_arrays_open(self, item: str) -> None:
+    """Opens every array of the item and waits for each open to finish; raises on the first failure.
+
+    Orbax's metadata read opens the arrays under one ``asyncio.gather``: when one fails (a
+    truncated file), its event loop closes while the other opens are still running, and each of
+    them later prints a ``RuntimeError: Event loop is closed`` traceback. Blocking opens here leave
+    nothing running, so an unreadable step is reported by its error alone.
+    """
+    import tensorstore as ts
+    path = os.path.join(self.item_dir(item), "_METADATA")
+    with open(path) as f:
+      saved = json.load(f)
+    use_zarr3 = bool(saved.get("use_zarr3", False))
+    names = ['.'.join(str(k["key"]) for k in entry["key_metadata"]) for entry in saved["tree_metadata"].values()
+             if entry["value_metadata"].get("value_type") in _TENSORSTORE_TYPES
+             and not entry["value_metadata"].get("skip_deserialize")]
+    futures = [ts.open(self._read_spec(item, name, use_zarr3), read=True, open=True, context=self._context())
+               for name in names]
+    errors = []
+    for future in futures:  # every open is waited for, the failed ones too
+      try:
+        future.result()
+      except Exception as e:  # noqa: BLE001 - reported below, after all opens finished
+        errors.append(e)
+    if errors:
+      raise errors[0]
+
   def _raw_metadata(self, item: str):
     if item not in self._meta:
       try:
         from etils import epath
+        self._check_arrays_open(item)
         # the handler reads the item's own metadata (the Checkpointer would also look for, and
         # warn about, a step-level metadata file that items of a composite step do not have)
         meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.item_dir(item)))
@@ -228,21 +272,13 @@ class LazyCheckpoint:
     """A TensorStore handle of one array, or None when the layout is not one we can open directly."""
     try:
       import tensorstore as ts
-      from etils import epath
-      from orbax.checkpoint._src.serialization import tensorstore_utils
 
       meta = self._raw_metadata(item)
       leaf = meta.tree
       for p in path:
         leaf = leaf[p]
-      use_ocdbt = os.path.exists(os.path.join(self.item_dir(item), "manifest.ocdbt"))
-      if self._ts_context is None:
-        self._ts_context = ts.Context({"cache_pool#ocdbt": {}})
-      info = ocp.type_handlers.ParamInfo(name=leaf.name, parent_dir=epath.Path(self.item_dir(item)),
-                                         use_zarr3=bool(getattr(meta, "use_zarr3", False)),
-                                         ts_context=self._ts_context)
-      spec = tensorstore_utils.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
-      return ts.open(spec, read=True, open=True, context=self._ts_context).result()
+      spec = self._read_spec(item, leaf.name, bool(getattr(meta, "use_zarr3", False)))
+      return ts.open(spec, read=True, open=True, context=self._context()).result()
     except Exception:  # noqa: BLE001 - any failure means: use the Orbax path instead
       return None
 
