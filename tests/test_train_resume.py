@@ -113,7 +113,8 @@ def test_restore_onto_a_different_mesh(tiny_config, tmp_path):
   abstract = state_lib.abstract_state(tiny_config, tx)
   results = []
   for n, mesh_cfg in ((8, dict(data=2, fsdp=2, tensor=2)), (1, dict(data=1, fsdp=1, tensor=1)),
-                      (4, dict(data=1, fsdp=2, tensor=2))):
+                      (4, dict(data=1, fsdp=2, tensor=2)),
+                      (8, dict(data=2, fsdp=1, tensor=1, sequence=4))):  # context parallelism: 4 shards per row
     tiny_config.mesh.update(**mesh_cfg)
     mesh = sharding.make_mesh(tiny_config.mesh, jax.devices()[:n])
     ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), tiny_config)
@@ -121,6 +122,7 @@ def test_restore_onto_a_different_mesh(tiny_config, tmp_path):
     ckpt.close()
     q = restored.state.params["decoder"]["layers"]["und"]["mlp"]["up_proj"]["kernel"]
     assert q.sharding.mesh.size == n
+    assert q.sharding.mesh.shape["sequence"] == mesh_cfg.get("sequence", 1)
     results.append(jax.tree.map(np.asarray, (restored.state.params, restored.state.opt_state)))
   for other in results[1:]:
     jax.tree.map(np.testing.assert_array_equal, results[0], other)
