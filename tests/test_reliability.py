@@ -112,6 +112,10 @@ def test_a_changed_model_is_refused_before_anything_is_written(run_copy):
   assert "config.model.num_layers: 2 in the checkpoints, 3 now" in message
   assert "config.optim.ema_decay > 0: False in the checkpoints, True now" in message
   assert _tree(run_copy) == before  # config.json, checkpoints and metrics untouched
+  proc = run_tool("train.py", f"--config={MICRO}", f"--workdir={run_copy}", "--config.train.steps=4",
+                  "--config.model.num_layers=3")  # the same, as a user runs it
+  assert_user_error(proc, "train.py", "config.model.num_layers: 2 in the checkpoints, 3 now")
+  assert _tree(run_copy) == before
   # readers take each step's own config, so even a rewritten config.json (3 layers) cannot mislead them
   (run_copy / "checkpoints" / "config.json").write_text(c.to_json())
   assert orbax_io.load_checkpoint(str(run_copy)).config.model.num_layers == 2
