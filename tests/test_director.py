@@ -89,8 +89,9 @@ def test_bad_prompts_are_refused(director):
 
 
 def test_prompt_and_cache_capacity_are_checked_before_generating(director):
-  with pytest.raises(DirectorError, match=r"the prompt is \d+ tokens, too long for .*cache_capacity=1024"):
+  with pytest.raises(DirectorError, match=r"the prompt is \d+ tokens, too long for .*cache_capacity=1024") as e:
     director.direct("word " * 10000)
+  assert "tools/direct.py --set=cache_capacity=N" in str(e.value)  # the flag that raises it, by its real name
   director.inf.cache_capacity = 40
   try:
     with pytest.raises(DirectorError, match="config.inference.cache_capacity=40 cannot hold one 32px keyframe"):
