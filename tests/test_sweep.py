@@ -50,3 +50,24 @@ def test_every_trial_is_checked_before_any_starts(tmp_path):
                     "trial001_learning_rate=-1.0: invalid config: config.optim.learning_rate=-1.0 must be positive",
                     "trial002_stepz=3: bad override", '"steps"')
   assert not (tmp_path / "sweep").exists()
+
+
+def test_a_trial_that_fails_at_run_time_prints_its_error_line(tmp_path):
+  """A trial that passes the up-front check but fails in train.py (an init_from folder that does not
+  exist is only looked at when the trial starts): the sweep prints that trial's own error line,
+  records its status and exits 1."""
+  nowhere = tmp_path / "nowhere"
+  sweep = tmp_path / "late.py"
+  sweep.write_text(f"def get_sweep():\n  return [{{'train.init_from': {str(nowhere)!r}}}]\n")
+  out = run_tool("sweep.py", f"--config={MICRO}", f"--sweep={sweep}", f"--workdir={tmp_path}/sweep",
+                 "--override=train.steps=2")
+  assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  name = sweeps.trial_name(0, {"train.init_from": str(nowhere)})
+  failed = [line for line in out.stdout.splitlines() if line.startswith(f"[sweep] {name} failed (exit 2): ")]
+  assert len(failed) == 1, out.stdout[-3000:]
+  assert failed[0].endswith(f"train.py: error: config.train.init_from={str(nowhere)!r} holds no checkpoint steps "
+                            "(the folder does not exist)"), failed[0]
+  with open(tmp_path / "sweep" / "results.csv") as f:
+    assert [r["status"] for r in csv.DictReader(f)] == ["exit 2"]
+  assert not (tmp_path / "sweep" / name).exists()  # refused before the trial wrote anything
