@@ -306,6 +306,30 @@ def test_corrupt_dataset_files_name_the_path(tmp_path):
     builders.load_source(str(tmp_path), "storyworld", "validation")
 
 
+def test_ambiguous_or_unfinished_builds_are_the_projects_errors(tmp_path, monkeypatch):
+  """Several builds and no choice / a build without dataset_info.json: UserErrors (one line in a
+  tool, not a traceback), still FileNotFoundErrors for callers that catch those."""
+  from data_pipelines import builders
+  from unimage_jax.errors import UserError
+  data = tmp_path / "data"
+  for name in ("a", "b"):  # two finished builds, as built_configs sees them
+    (data / "storyboards" / name / "1.0.0").mkdir(parents=True)
+    (data / "storyboards" / name / "1.0.0" / "dataset_info.json").write_text("{}")
+  with pytest.raises(builders.AmbiguousDatasetError, match=r"config.data.dataset_config\), found \['a', 'b'\]") as e:
+    builders.find_dataset_dir(str(data), "storyboards")
+  assert isinstance(e.value, UserError) and isinstance(e.value, FileNotFoundError)
+  (data / "storyboards" / "c").mkdir()  # a build that never finished (no version with dataset_info.json)
+  monkeypatch.setattr(builders, "built_configs", lambda *_: ["c"])  # as if its version vanished between the two looks
+  with pytest.raises(builders.DatasetNotBuiltError, match="c holds no finished build") as e:
+    builders.find_dataset_dir(str(data), "storyboards")
+  assert isinstance(e.value, UserError) and isinstance(e.value, FileNotFoundError)
+  monkeypatch.undo()
+  proc = run_tool("train_vae.py", "--config=configs/tiny_vae.py", f"--config.data.data_dir={data}",
+                  "--config.data.dataset=storyboards", f"--output={tmp_path}/vae")
+  assert_user_error(proc, "train_vae.py", "expected one built config of 'storyboards'", "found ['a', 'b']")
+  assert not (tmp_path / "vae").exists()
+
+
 def test_a_mistyped_tokenizer_path_is_an_error_not_a_new_tokenizer(tmp_path):
   from data_pipelines import pipeline
   c = data_fixtures.tiny_config()

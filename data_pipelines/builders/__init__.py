@@ -67,6 +67,10 @@ class DatasetNotBuiltError(UserError, FileNotFoundError):
   """No finished build of the dataset (as opposed to an ambiguous choice between builds)."""
 
 
+class AmbiguousDatasetError(UserError, FileNotFoundError):
+  """Several builds of the dataset (or none matching ``config.data.dataset_config``) and no choice made."""
+
+
 def built_configs(data_dir: str, dataset: str) -> list[str]:
   """Names of the finished builds of a dataset under data_dir."""
   root = os.path.join(data_dir, dataset)
@@ -92,12 +96,13 @@ def find_dataset_dir(data_dir: str, dataset: str, config_name: str = "", prefer:
   elif len(configs) > 1 and prefer in configs:
     configs = [prefer]
   if len(configs) != 1:
-    raise FileNotFoundError(f"expected one built config of {dataset!r} in {root} matching "
-                            f"{config_name or '*'!r} (config.data.dataset_config), found {configs}")
+    raise AmbiguousDatasetError(f"expected one built config of {dataset!r} in {root} matching "
+                                f"{config_name or '*'!r} (config.data.dataset_config), found {configs}")
   cdir = os.path.join(root, configs[0])
   versions = sorted(v for v in os.listdir(cdir) if os.path.exists(os.path.join(cdir, v, "dataset_info.json")))
   if not versions:
-    raise FileNotFoundError(f"{cdir} holds no finished build (dataset_info.json missing)")
+    raise DatasetNotBuiltError(f"{cdir} holds no finished build (dataset_info.json missing); "
+                               "build it with tools/build_data.py")
   return os.path.join(cdir, versions[-1])
 
 
