@@ -23,6 +23,12 @@ def test_topology_names():
 
 
 @pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_a_topology_libtpu_cannot_describe_is_a_config_error():
+  with pytest.raises(ConfigError, match=r"--topology='v5e:1x1': libtpu cannot describe it: .*not divisible"):
+    aot.topology_devices("v5e:1x1")  # smaller than one v5e host (2x2)
+
+
+@pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
 def test_tiny_train_step_compiles_for_v5e_2x2(tiny_config):
   tiny_config.data.batch_size = 4
   tiny_config.mesh.update(data=2, fsdp=2, tensor=1)

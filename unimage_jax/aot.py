@@ -67,7 +67,10 @@ def topology_devices(name: str, num_slices: int = 1):
   from jax.experimental import topologies
   spec, _ = topology_spec(name)
   kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
-  return topologies.get_topology_desc(topology_name=spec, platform="tpu", **kwargs).devices
+  try:
+    return topologies.get_topology_desc(topology_name=spec, platform="tpu", **kwargs).devices
+  except jax.errors.JaxRuntimeError as e:  # e.g. a slice smaller than one host (v5e:1x1)
+    raise ConfigError(f"--topology={name!r}: libtpu cannot describe it: {str(e).splitlines()[0]}") from None
 
 
 @dataclasses.dataclass
