@@ -113,3 +113,20 @@ def test_cli_names_a_missing_checkpoint(tmp_path):
   out = subprocess.run([sys.executable, "tools/direct.py", f"--checkpoint={tmp_path}/nope", "--prompt=hi"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 2 and f"{tmp_path}/nope does not exist" in out.stderr
+
+
+def test_name_probe_reads_the_cast_lines_as_the_planner_trains_them(director):
+  from data_pipelines.sequence_plan import PlanConfig, Planner
+  from unimage_jax.evaluation.heldout import validation_records
+  from unimage_jax.evaluation.name_probe import cast_prefixes, name_copy
+  records = validation_records(director.config, 2)
+  planner = Planner(PlanConfig.from_config(director.config), director.tok)
+  lines = 0
+  for r in records:
+    trained = planner.plan(r, np.random.default_rng(0), "header").segments[0].token_ids.tolist()
+    for ids, name in cast_prefixes(director.tok, r["script"]):
+      assert trained[:len(ids) + 1] == ids + [name]  # the probe's prefix, then the true name
+      lines += 1
+  stats = name_copy(director, records)
+  assert stats["cast_lines"] == lines
+  assert 0.0 <= stats["p_true_name"] <= stats["p_any_prompt_name"] <= 1.0
