@@ -78,3 +78,9 @@ def test_pipeline_runs_on_an_hf_tokenizer_built_on_first_use():
   c.model.vocab_size = 64  # the same file no longer fits: a config error naming the field
   with pytest.raises(ConfigError, match="config.model.vocab_size"):
     pipeline.check_tokenizer(c)
+
+
+def test_a_missing_hf_tokenizer_names_the_command_that_writes_it(tmp_path):
+  folder = tmp_path / "qwen2"
+  with pytest.raises(FileNotFoundError, match=r"tools/train_tokenizer.py --output=.*qwen2/tokenizer.json\b"):
+    load_tokenizer(str(folder))

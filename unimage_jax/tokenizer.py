@@ -115,7 +115,7 @@ def load_tokenizer(path: str, max_vocab_size: int | None = None):
   if is_hf_tokenizer(path):
     if not os.path.exists(tokenizer_file(path)):
       raise FileNotFoundError(f"tokenizer not found: {tokenizer_file(path)} (config.data.tokenizer_path); "
-                              "train one with tools/train_tokenizer.py --format=hf")
+                              f"train one with tools/train_tokenizer.py --output={tokenizer_file(path)}")
     from unimage_jax.interchange.hf_tokenizer import HFTokenizer
     syms = [s for s in user_symbols() if s not in CONTROL_TOKENS]
     tok = HFTokenizer(path, extra_special_tokens=syms, max_vocab_size=max_vocab_size)
