@@ -97,3 +97,18 @@ def test_original_flux_key_names_import_and_mismatches_are_listed(diffusers_vae,
   assert "missing: encoder.conv_in.bias" in str(err.value) and "unexpected: encoder.extra" in str(err.value)
   with pytest.raises(KeyMismatchError, match="wrong shape"):
     flux_vae.import_vae(path, flux_vae.VAEConfig(block_out_channels=(32, 64, 96), layers_per_block=1))
+
+
+def test_the_cli_import_is_what_config_vae_path_reads(diffusers_vae, tmp_path):
+  """tools/import_checkpoint.py --format=vae writes the folder ``config.model.vae_path`` names;
+  it, and the diffusers folder itself, load through ``store.load_vae`` to the same encoder."""
+  from tool_runs import run_tool
+  from unimage_jax.vae import store
+  _, path = diffusers_vae
+  out = tmp_path / "vae_import"
+  proc = run_tool("import_checkpoint.py", "--format=vae", f"--source={path}", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (1, 16, 16, 3)).astype(np.float32))
+  imported, direct = store.load_vae(str(out)), store.load_vae(path)
+  assert imported.config == direct.config
+  np.testing.assert_array_equal(np.asarray(imported.encode(x)), np.asarray(direct.encode(x)))

@@ -77,16 +77,10 @@ def _import(output: str):
 
 
 def _import_vae(output: str):
-  import orbax.checkpoint as ocp
-  from flax import nnx
+  """The layout ``config.model.vae_path`` reads (``vae.store``: Orbax params + vae_config.json)."""
+  from unimage_jax.vae import flux_vae, store
 
-  from unimage_jax.vae import flux_vae
-
-  vae = flux_vae.import_vae(_SOURCE.value)
-  path = os.path.abspath(os.path.join(output, "vae"))
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, nnx.to_pure_dict(nnx.state(vae, nnx.Param)), force=True)
-  flux_vae.save_config(vae.config, os.path.join(output, "vae_config.json"))
+  store.save_vae(flux_vae.import_vae(_SOURCE.value), output)
 
 
 def check_flags() -> None:
