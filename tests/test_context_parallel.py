@@ -2,12 +2,12 @@
 
 The synthetic rows hold several samples each (text, ViT images, noised latents with their clean
 copies) and padding in both buffers. 8 host CPU devices run the XLA attentions (the reference and
-the block-skipping flash) in the trainer's loss-and-grad step; the Pallas TPU kernel runs in
+the block-skipping flash, K/V all-gathered or passed around a ring) in the trainer's loss-and-grad step; the Pallas TPU kernel runs in
 interpret mode on 4 devices, attention alone (8 deadlock XLA:CPU's collectives in interpret mode
 on 2 cores, and a whole interpret-mode step costs minutes of CI).
 
 CI cost: one micro model (1 layer), its parameters built once on the host and placed on each mesh
-(no jitted optimizer init), one unsplit reference step shared by both split meshes.
+(no jitted optimizer init), one unsplit reference step shared by every split mesh.
 """
 
 import jax
@@ -28,10 +28,10 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 ROWS = 4
 
 
-def _config(impl: str = "xla"):
+def _config(impl: str = "xla", strategy: str = "all_gather"):
   c = load_config("tests/micro_config.py")
   c.data.batch_size = ROWS
-  c.model.update(num_layers=1, attention_impl=impl,
+  c.model.update(num_layers=1, attention_impl=impl, context_parallel=strategy,
                  attention_query_chunk=32)  # the reference walks several query chunks per shard
   return c
 
@@ -64,8 +64,9 @@ def _loss_and_grads(config, devices, model_inputs):
                in_shardings=(p_sh, t_sh, {k: v.sharding for k, v in batch.items()}, None))
   with attention_mesh(mesh, rules):
     lowered = fn.lower(params, tables, batch, jax.random.key(3))
-  loss, metrics, grads = lowered.compile()(params, tables, batch, jax.random.key(3))
-  return float(loss), float(metrics["mse"]), jax.tree.map(np.asarray, grads), batch
+  compiled = lowered.compile()
+  loss, metrics, grads = compiled(params, tables, batch, jax.random.key(3))
+  return float(loss), float(metrics["mse"]), jax.tree.map(np.asarray, grads), batch, compiled
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +88,24 @@ def _assert_same(split, unsplit):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * max(1.0, float(np.max(np.abs(r)))))
 
 
-@pytest.mark.parametrize("impl,mesh", [
-    ("xla", dict(data=2, fsdp=1, sequence=4, tensor=1)),  # 24 und + 12 gen slots per shard
-    ("xla_flash", dict(data=1, fsdp=2, sequence=2, tensor=2)),  # heads over tensor inside the shard_map
-], ids=["xla-data2-seq4", "xla_flash-fsdp2-seq2-tensor2"])
-def test_sequence_split_rows_give_the_unsplit_loss_and_grads(model_inputs, unsplit, impl, mesh):
+@pytest.mark.parametrize("impl,mesh,strategy", [
+    ("xla", dict(data=2, fsdp=1, sequence=4, tensor=1), "all_gather"),  # 24 und + 12 gen slots per shard
+    ("xla_flash", dict(data=1, fsdp=2, sequence=2, tensor=2), "all_gather"),  # heads over tensor inside the shard_map
+    # K/V blocks passed around 4 shards (3 rotations, dK/dV home after the 4th; with 2 shards
+    # i -> i + 1 and i -> i - 1 coincide, so a ring turning the wrong way would pass)
+    ("xla_flash", dict(data=1, fsdp=2, sequence=4, tensor=1), "ring"),
+], ids=["xla-data2-seq4", "xla_flash-fsdp2-seq2-tensor2", "ring-xla_flash-fsdp2-seq4"])
+def test_sequence_split_rows_give_the_unsplit_loss_and_grads(model_inputs, unsplit, impl, mesh, strategy):
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 host devices")
-  c = _config(impl)
+  c = _config(impl, strategy)
   c.mesh.update(**mesh)
+  validate_config(c)
   split = _loss_and_grads(c, jax.devices()[:8], model_inputs)
   batch = split[3]
+  # the strategy asked for is what ran: the ring's ppermutes (op names in the HLO metadata; the
+  # partitioner's own collective-permutes are in both steps), none in the all-gather step
+  assert ("ppermute" in split[4].as_text()) == (strategy == "ring")
   seq = mesh["sequence"]
   rows = sharding.batch_axes(sharding.make_mesh(c.mesh, jax.devices()[:8]), c.logical_axis_rules)
   # the data's global arrays follow the axis: the und/gen buffers split over sequence, ViT not
