@@ -130,3 +130,21 @@ def test_name_probe_reads_the_cast_lines_as_the_planner_trains_them(director):
   stats = name_copy(director, records)
   assert stats["cast_lines"] == lines
   assert 0.0 <= stats["p_true_name"] <= stats["p_any_prompt_name"] <= 1.0
+
+
+def test_guidance_settings_on_an_interleaved_director_say_they_do_nothing(director, caplog):
+  import copy
+  import logging
+  d = Director(copy.deepcopy(director.config), director.engine.params, director.engine.tables, director.tok)
+  assert d._mode(None) == "interleaved"  # the tiny config's stage-1 mixture
+  with caplog.at_level(logging.WARNING):
+    d.apply_overrides(["temperature=0.5"])
+    assert "guidance" not in caplog.text
+    d.apply_overrides(["cfg_text_scale=3", "cfg_img_scale=2"])
+  assert "--set cfg_img_scale, cfg_text_scale: classifier-free guidance applies to the disentangled layout only" \
+      in caplog.text
+  d.inf.mode = "disentangled"
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    d.apply_overrides(["cfg_text_scale=3"])
+  assert "guidance" not in caplog.text

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from data_pipelines.sequence_plan import encode_lines, resize, vit_patches
 from unimage_jax import layout, pixel_codec, script_schema
@@ -206,6 +207,13 @@ class Director:
       except ValueError:
         raise DirectorError(f"--set={item}: {value!r} is not a {type(old).__name__}") from None
     self.check_settings(prefix="--set=")
+    guidance = sorted({item.split("=", 1)[0] for item in overrides if item.startswith("cfg_")})
+    if guidance and self._mode(None) == "interleaved":
+      # only the keyframe task trains the rows without text / images (conditioning dropout); an
+      # interleaved draw has no trained unconditional branch, so it samples unguided
+      logging.warning("--set %s: classifier-free guidance applies to the disentangled layout only; this "
+                      "director draws interleaved (config.inference.mode / its task mixture), unguided",
+                      ", ".join(guidance))
 
   def _cache_room_error(self, used: int, what: str) -> DirectorError:
     cap = int(self.inf.cache_capacity)
