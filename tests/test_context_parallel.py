@@ -10,6 +10,8 @@ CI cost: one micro model (1 layer), its parameters built once on the host and pl
 (no jitted optimizer init), one unsplit reference step shared by every split mesh.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,6 +190,19 @@ def test_bad_sequence_configs_are_refused_before_compiling(tiny_config):
     validate_config(c)
 
 
+_HLO_SHAPE = re.compile(r"\b(?:pred|bf16|[fsuc]\d+)\[(\d+(?:,\d+)*)\]")  # f32[2,144,4,16]{...}
+
+
+def _hlo_shapes(text: str) -> list[tuple[int, ...]]:
+  return [tuple(map(int, m.split(","))) for m in _HLO_SHAPE.findall(text)]
+
+
+def _quadratic_shapes(text: str, length: int) -> set[tuple[int, ...]]:
+  """Array shapes in HLO text with two dimensions of at least ``length``: an ``L x L`` buffer
+  (a mask, scores), fused or not (a fusion's computation lists its inner shapes too)."""
+  return {s for s in _hlo_shapes(text) if sum(d >= length for d in s) >= 2}
+
+
 def test_the_context_parallel_step_compiles_for_tpu_ahead_of_time(tiny_config):
   """The trainer's step with rows split over sequence=2 on v5e 2x2: the Mosaic kernel per shard
   against the gathered K/V (fwd, dQ, dK/dV in the scanned layer), the batch split over sequence."""
@@ -203,3 +218,11 @@ def test_the_context_parallel_step_compiles_for_tpu_ahead_of_time(tiny_config):
   text = plan.compiled.as_text()
   assert text.count('custom_call_target="tpu_custom_call"') == 3
   assert "all-gather" in text and "reduce-scatter" in text
+  # no L x L tensor in the compiled step, though the whole row's K/V is there (gathered)
+  length = c.data.und_len + c.data.gen_len
+  assert any(length in s for s in _hlo_shapes(text))
+  assert not _quadratic_shapes(text, length)
+  # ... which the check would see: an L x L mask compiled into one fused reduction on this host
+  x = jnp.zeros(length)
+  masked = jax.jit(lambda x: jnp.sum(jnp.where(x[:, None] < x[None, :], x[None, :], 0.0), 1)).lower(x).compile()
+  assert (length, length) in _quadratic_shapes(masked.as_text(), length)
