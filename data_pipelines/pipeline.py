@@ -286,15 +286,17 @@ def ensure_dataset(config, verbose: bool = True) -> None:
   # image_size: build it when missing, even beside other builds (reading "the only build" there
   # would silently train on another size or story count)
   wanted = default_build_name(config)
-  missing = (d.dataset == "storyworld" and not d.dataset_config
-             and wanted not in builders.built_configs(d.data_dir, d.dataset))
-  try:
-    if missing:
-      raise builders.DatasetNotBuiltError(wanted)
-    builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config, wanted)
-  except builders.DatasetNotBuiltError:
-    if d.dataset != "storyworld":
-      raise
+  if d.dataset == "storyworld" and not d.dataset_config:
+    missing = wanted not in builders.built_configs(d.data_dir, d.dataset)
+  else:
+    try:
+      builders.find_dataset_dir(d.data_dir, d.dataset, d.dataset_config, wanted)
+      missing = False
+    except builders.DatasetNotBuiltError:
+      if d.dataset != "storyworld":
+        raise
+      missing = True
+  if missing:
     if verbose:
       print(f"building StoryWorld ({d.num_stories} stories, {d.image_size}px) into {d.data_dir}")
     builders.build_storyworld(d.data_dir, d.num_stories, d.image_size, seed=0)

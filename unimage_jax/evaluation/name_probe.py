@@ -22,9 +22,8 @@ def cast_prefixes(tok, script: script_schema.Script) -> list[tuple[list[int], in
   cast = [line for line in lines if line.startswith("<Character")]
   out = []
   for k, line in enumerate(cast):
-    name_ids = tok.encode(line)[2:3]  # "<CharacterK>", ":", " Name", ... (single tokens, checked)
-    ids = [tok.im_start] + encode_lines(tok, [lines[0]] + cast[:k]) + tok.encode(line)[:2]
-    out.append((ids, name_ids[0]))
+    tag, colon, name = tok.encode(line)[:3]  # "<CharacterK>", ":", the name's (first) token, ...
+    out.append(([tok.im_start] + encode_lines(tok, [lines[0]] + cast[:k]) + [tag, colon], name))
   return out
 
 
