@@ -38,6 +38,7 @@ def test_shipped_configs_are_valid(path):
     ({"inference.cache_capacity": 40}, "config.inference.cache_capacity=40 cannot hold one 32px keyframe"),
     ({"inference.num_steps": 1}, "config.inference.num_steps=1 must be >= 2"),
     ({"inference.max_attempts": 0}, "config.inference.max_attempts=0 must be >= 1"),
+    ({"inference.valid_attempts": 0}, "config.inference.valid_attempts=0 must be >= 1"),
     ({"inference.cfg_interval": (0.8, 0.2)}, "config.inference.cfg_interval=(0.8, 0.2) must be two numbers"),
     ({"inference.cfg_renorm_type": "norm"}, "config.inference.cfg_renorm_type='norm' must be one of"),
     ({"inference.mode": "both"}, "config.inference.mode='both' must be one of"),

@@ -148,3 +148,30 @@ def test_guidance_settings_on_an_interleaved_director_say_they_do_nothing(direct
   with caplog.at_level(logging.WARNING):
     d.apply_overrides(["cfg_text_scale=3"])
   assert "guidance" not in caplog.text
+
+
+def test_valid_attempts_resample_a_repairable_script_and_fall_back_to_the_first(director, monkeypatch):
+  """inference.valid_attempts: rejection sampling with the schema as the verifier."""
+  repairable = GOOD.replace("ignored", "A walk") + "<Frame3>: Close-up: <Character1> sits in <Environment9>.\n"
+  valid = GOOD.replace("ignored", "A walk")
+  image = np.zeros((32, 32, 3), np.uint8)
+
+  def run(texts, valid_attempts):
+    calls = []
+
+    def fake(prompt, rng, max_shots, context, references):
+      calls.append(prompt)
+      return texts[len(calls) - 1], [image] * 3
+
+    monkeypatch.setattr(director, "_direct_interleaved", fake)
+    monkeypatch.setitem(director.inf, "valid_attempts", valid_attempts)
+    return director.direct("A walk", mode="interleaved"), len(calls)
+
+  board, n = run([repairable, valid], 3)  # the second sample is valid as written: it is taken
+  assert n == 2 and board.raw_text == valid and script_schema.parse(board.raw_text)
+  assert board.repairs and board.repairs[0].startswith("resampled 1 time(s): attempt 1 needed repairs")
+  board, n = run([repairable] * 3, 3)  # none valid: the first repairable one, with its repairs
+  assert n == 3 and board.raw_text == repairable and len(board.script.shots) == 2
+  assert not board.repairs[0].startswith("resampled")
+  board, n = run([repairable, valid], 1)  # 1: the first repairable script, as before
+  assert n == 1 and board.raw_text == repairable

@@ -156,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
   inf.cfg_renorm_type = "global"  # global | channel | text_channel
   inf.cfg_renorm_min = 0.0
   inf.max_attempts = 6  # resample with the next seed when a script cannot be repaired
+  # the first attempts look for a script valid as written (a repairable one is the fallback); 1 = take
+  # the first repairable script
+  inf.valid_attempts = 1
 
   # ---------------------------------------------------------------- mesh and sharding (section 8)
   s = c.mesh = ml_collections.ConfigDict()

@@ -288,6 +288,8 @@ def inference_errors(c: ml_collections.ConfigDict, prefix: str = "config.inferen
   for k in ("max_script_tokens", "max_chunk_tokens", "max_attempts"):
     if int(inf[k]) < 1:
       errors.append(f"{name(k)} must be >= 1")
+  if int(inf.get("valid_attempts", 1)) < 1:
+    errors.append(f"{name('valid_attempts')} must be >= 1 (1 = take the first repairable script)")
   if int(inf.num_steps) < 2:
     errors.append(f"{name('num_steps')} must be >= 2 (N timesteps make N - 1 Euler steps)")
   if float(inf.timestep_shift) <= 0:

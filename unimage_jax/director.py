@@ -400,11 +400,22 @@ class Director:
       slots += side * side + 2
     return slots
 
+  def _valid_attempts(self) -> int:
+    return int(self.inf.get("valid_attempts", 1))  # checkpoints saved before the field: 1
+
   def _attempts(self, prompt: str, seed: int, mode: str, continue_from: Storyboard | None, n_old: int,
                 max_shots: int | None, references: Sequence[np.ndarray] = ()) -> Storyboard:
-    """Samples a script (resampling an unrepairable one with the next seed) and draws its keyframes."""
-    last_error = None
+    """Samples a script (with the next seed while it is unrepairable) and draws its keyframes.
+
+    The first ``inference.valid_attempts`` samples look for a script that is valid as written: a
+    repairable one is kept as the fallback and the next seed is tried (rejection sampling with the
+    schema as the verifier; each repair throws away part of what the model wrote). The fallback is
+    used once those attempts are spent; after that any repairable script is taken.
+    """
+    last_error, fallback = None, None
     for attempt in range(int(self.inf.max_attempts)):
+      if fallback is not None and attempt >= self._valid_attempts():
+        return fallback
       rng = jax.random.key(seed + 1000 * attempt)
       if mode == "disentangled":
         context = continue_from.script if continue_from is not None else None
@@ -422,6 +433,9 @@ class Director:
       if continue_from is not None and len(script.shots) <= n_old:
         last_error = UnrepairableScriptError("the model wrote no new shot")
         continue
+      needs_repair = bool(repairs)
+      if needs_repair and fallback is not None:
+        continue  # the first repairable script stays the fallback
       if attempt:
         repairs = [f"resampled {attempt} time(s): {last_error}"] + repairs
       if mode == "disentangled":
@@ -431,5 +445,10 @@ class Director:
         script = dataclasses.replace(script, shots=script.shots[:len(images)])
         repairs.append(f"kept the {len(images)} shots that have keyframes")
       images = images[:len(script.shots)]
-      return Storyboard(prompt, script, images, raw, repairs, mode, seed, list(references))
+      board = Storyboard(prompt, script, images, raw, repairs, mode, seed, list(references))
+      if not needs_repair or attempt + 1 >= self._valid_attempts():
+        return board
+      fallback, last_error = board, UnrepairableScriptError(f"attempt {attempt + 1} needed repairs: {repairs}")
+    if fallback is not None:
+      return fallback
     raise DirectorError(f"no valid script after {self.inf.max_attempts} attempts: {last_error}")
