@@ -47,6 +47,11 @@ def main(argv):
   latents = np.concatenate([planner._image(f, noised=False).latents for r in records for f in r["keyframes"]])
   print(f"{_CHECKPOINT.value}: {task} layout, {len(records)} held-out stories, {_SHOTS.value} shots each")
   print(table(stats, float(np.var(latents))))
+  by_places = probe.place_by_story_places(records, task, director._decode, shots_per_story=_SHOTS.value)
+  print("place drawn by the context alone (implied x0 at t = 1), by the story's number of places:")
+  print("| places in the story | place accuracy | shots |\n|---|---|---|")
+  for n, (acc, shots) in by_places.items():
+    print(f"| {n} | {acc:.3f} | {shots} |")
 
 
 if __name__ == "__main__":

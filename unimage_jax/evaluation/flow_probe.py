@@ -157,6 +157,29 @@ class FlowProbe:
             s["x0_mse"].append(x0_err)
     return {name: {k: float(np.mean(v)) for k, v in s.items()} for name, s in stats.items()}
 
+  def place_by_story_places(self, records: Sequence[dict[str, Any]], task: str, decode,
+                            shots_per_story: int = 3, seed: int = 0) -> dict[int, tuple[float, int]]:
+    """Place accuracy of the implied clean image at ``t = 1`` (the context alone draws it), by
+    the story's number of places: ``{places: (accuracy, shots)}``; ``decode`` maps latent tokens
+    to a uint8 image (``Director._decode``: the pixel codec or the VAE decoder).
+
+    Why: a model that has learned to draw the place words of its context, but not which place
+    is *current* (the frame line's ``<EnvironmentK>`` resolved through its line, or the latest
+    clean keyframe), draws one-place stories right and averages the places of the others.
+    """
+    from unimage_jax.evaluation import detector
+    rng = np.random.default_rng(seed)
+    hits: dict[int, list[bool]] = {}
+    for record in records:
+      truth, n_shots = record["ground_truth"], len(record["script"].shots)
+      for k in sorted(rng.choice(np.arange(1, n_shots + 1), min(shots_per_story, n_shots), replace=False)):
+        probe = _fit_row(probe_segments(self.planner, record, record, int(k), task, "full"), self.sizes)
+        eps = rng.standard_normal(probe.target.shape).astype(np.float32)
+        v, x_t = self.velocity_of(probe, 1.0, eps)
+        want = truth["places"][truth["shots"][int(k) - 1]["env"]]
+        hits.setdefault(len(truth["places"]), []).append(detector.detect_place(decode(x_t - v)) == want)
+    return {n: (float(np.mean(h)), len(h)) for n, h in sorted(hits.items())}
+
   def grid_tokens(self, record) -> int:
     return len(self.planner._image(record["keyframes"][0], noised=True).latents)
 

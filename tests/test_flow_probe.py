@@ -1,0 +1,37 @@
+"""The flow probe's place-by-story-places read (tools/diagnose_flow.py), on a small random model."""
+
+import numpy as np
+
+import data_fixtures
+from data_pipelines.sequence_plan import PlanConfig, Planner
+from unimage_jax.director import Director
+from unimage_jax.evaluation.flow_probe import FlowProbe
+from unimage_jax.evaluation.heldout import validation_records
+from unimage_jax.model import functional
+from unimage_jax.tokenizer import Tokenizer
+
+
+def test_place_by_story_places_reads_the_implied_clean_image():
+  c = data_fixtures.tiny_config()
+  c.model.update(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
+  params, tables = functional.init_params(c.model, 0)
+  director = Director(c, params, tables, Tokenizer(c.data.tokenizer_path, c.model.vocab_size))
+  records = validation_records(c, 6)
+  probe = FlowProbe(director.engine.mdef, params, tables, c, Planner(PlanConfig.from_config(c), director.tok))
+  # the random model's own velocities: it runs, and every probed shot is counted once
+  out = probe.place_by_story_places(records, "interleaved", director._decode, shots_per_story=2)
+  assert sum(n for _, n in out.values()) == sum(min(2, len(r["script"].shots)) for r in records)
+  assert set(out) <= {1, 2, 3} and all(0.0 <= acc <= 1.0 for acc, _ in out.values())
+
+  # a model whose implied x0 at t = 1 is the true keyframe draws every place right ...
+  def oracle(row, t, eps, read_t=None, shuffle=None):
+    x_t = (1.0 - t) * row.target + t * eps
+    return (x_t - row.target) / t, x_t
+  probe.velocity_of = oracle
+  out = probe.place_by_story_places(records, "interleaved", director._decode, shots_per_story=2)
+  assert all(acc == 1.0 for acc, _ in out.values()), out
+
+  # ... and one that draws a black frame (no place's colours within the detector's tolerance) none
+  probe.velocity_of = lambda row, t, eps, **kw: (eps + 1.0, eps)  # x0 = x_t - v = -1: black
+  out = probe.place_by_story_places(records, "interleaved", director._decode, shots_per_story=2)
+  assert all(acc == 0.0 for acc, _ in out.values()), out
