@@ -175,3 +175,25 @@ def test_valid_attempts_resample_a_repairable_script_and_fall_back_to_the_first(
   assert not board.repairs[0].startswith("resampled")
   board, n = run([repairable, valid], 1)  # 1: the first repairable script, as before
   assert n == 1 and board.raw_text == repairable
+
+
+def test_schema_constraints_ban_the_tags_a_chunk_after_a_keyframe_may_not_use(director):
+  from unimage_jax.inference import schema_constraints
+  assert schema_constraints.defined_counts(GOOD) == (1, 1)
+  banned = director._banned_after_keyframe(GOOD.split("<Frame2>")[0], next_frame=2)
+  ids = director.tok.special_ids
+  allowed = {"<Character1>", "<Environment1>", "<Frame2>"}
+  for tag in ("<Prompt>", "<Character2>", "<Environment2>", "<Environment8>", "<Frame1>", "<Frame3>",
+              "<Video1>", "<Video2>"):
+    assert banned[ids[tag]], tag
+  for tag in allowed:
+    assert not banned[ids[tag]], tag
+  assert int(banned.sum()) == sum(1 for s in ids if schema_constraints._TAG.match(s)) - len(allowed)
+  assert not banned[director.tok.im_end] and not banned[director.tok.encode("walks")].any()
+  director.apply_overrides(["schema_constrained=false"])
+  try:
+    assert director._banned_after_keyframe(GOOD, next_frame=3) is None
+  finally:
+    director.apply_overrides(["schema_constrained=true"])
+  with pytest.raises(DirectorError, match="schema_constrained=maybe"):
+    director.apply_overrides(["schema_constrained=maybe"])

@@ -66,6 +66,21 @@ def test_cached_greedy_decoding_equals_full_recomputation(engine):
   assert len(set(cached)) > 1  # a non-degenerate sequence
 
 
+def test_banned_tokens_are_never_sampled(engine):
+  """Schema constraints: a token the caller bans never comes out, even when it is the argmax."""
+  eng, cfg = engine
+  cache, logits = eng.prefill(eng.new_cache(1, 64), [_context(cfg)])
+  favourite = int(np.argmax(np.asarray(logits[0])))
+  free = eng.generate(cache, logits, jax.random.key(0), max_new=12, stop_ids=[-5],
+                      sampling=SamplingParams(temperature=0.0))[1]
+  assert int(free[0, 0]) == favourite
+  banned = np.zeros(cfg.vocab_size, bool)
+  banned[[int(t) for t in np.asarray(free[0])]] = True  # everything the free run wrote
+  _, tokens = eng.generate(cache, logits, jax.random.key(0), max_new=12, stop_ids=[-5],
+                           sampling=SamplingParams(temperature=1.0), banned=banned)
+  assert not banned[np.asarray(tokens[0])].any(), (np.asarray(tokens[0]), np.flatnonzero(banned))
+
+
 def test_cached_velocity_equals_full_forward(engine):
   eng, cfg = engine
   context = _context(cfg)

@@ -159,6 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
   # the first attempts look for a script valid as written (a repairable one is the fallback); 1 = take
   # the first repairable script
   inf.valid_attempts = 1
+  # after the header, sample only the ID tags the schema allows (defined characters and places,
+  # the next <FrameN>); see unimage_jax/inference/schema_constraints.py
+  inf.schema_constrained = True
 
   # ---------------------------------------------------------------- mesh and sharding (section 8)
   s = c.mesh = ml_collections.ConfigDict()

@@ -33,9 +33,10 @@ from absl import logging
 
 from data_pipelines.sequence_plan import encode_lines, resize, vit_patches
 from unimage_jax import layout, pixel_codec, script_schema
+from unimage_jax.config_base import base_config
 from unimage_jax.config_validation import ConfigError, validate_inference
 from unimage_jax.errors import UserError
-from unimage_jax.inference import chunks, flow
+from unimage_jax.inference import chunks, flow, schema_constraints
 from unimage_jax.inference.engine import Engine, SamplingParams
 from unimage_jax.inference.kv_cache import CacheFullError
 from unimage_jax.inference.script_repair import UnrepairableScriptError, parse_or_repair
@@ -47,6 +48,7 @@ from unimage_jax.tokenizer import Tokenizer
 from unimage_jax.vae import store
 
 MODES = ("auto", "interleaved", "disentangled")
+_DEFAULT_INFERENCE = base_config().inference  # settings a checkpoint saved before them can take by --set
 
 
 class DirectorError(UserError, ValueError):
@@ -194,11 +196,17 @@ class Director:
       if "=" not in item:
         raise DirectorError(f"--set={item!r} must be key=value")
       key, value = item.split("=", 1)
+      if key not in inference and key in _DEFAULT_INFERENCE:  # a setting newer than the checkpoint
+        inference[key] = _DEFAULT_INFERENCE[key]
       if key not in inference:
         raise DirectorError(f"--set: unknown inference setting {key!r}; known: {sorted(inference.keys())}")
       old = inference[key]
       try:
-        if isinstance(old, (int, float)) and not isinstance(old, bool):
+        if isinstance(old, bool):
+          if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(value)
+          inference[key] = value.lower() in ("true", "1")
+        elif isinstance(old, (int, float)):
           inference[key] = type(old)(float(value))
         elif isinstance(old, (tuple, list)):
           inference[key] = tuple(float(x) for x in value.split(","))
@@ -229,10 +237,10 @@ class Director:
     return flow.GuidanceParams(float(g.cfg_text_scale), float(g.cfg_img_scale), tuple(g.cfg_interval),
                                g.cfg_renorm_type, float(g.cfg_renorm_min))
 
-  def _generate(self, cache, logits, rng, max_new: int):
+  def _generate(self, cache, logits, rng, max_new: int, banned=None):
     """Samples one text segment (until ``<|im_end|>``); returns (cache, text, stopped)."""
     cache, tokens = self.engine.generate(cache, logits, rng, max_new=max_new, stop_ids=[self.tok.im_end],
-                                         sampling=self._sampling())
+                                         sampling=self._sampling(), banned=banned)
     ids = [int(t) for t in np.asarray(tokens[0]) if t >= 0]
     stopped = bool(ids) and ids[-1] == self.tok.im_end
     return cache, self.tok.decode([i for i in ids if i != self.tok.im_end]), stopped
@@ -346,7 +354,9 @@ class Director:
           raise self._cache_room_error(int(np.asarray(cache.length)[0]), "a shot and its keyframe")
         break
       rng, key = jax.random.split(rng)
-      cache, chunk_text, stopped = self._generate(cache, logits, key, min(int(self.inf.max_chunk_tokens), budget))
+      banned = self._banned_after_keyframe(text, len(images) + 1) if images else None
+      cache, chunk_text, stopped = self._generate(cache, logits, key, min(int(self.inf.max_chunk_tokens), budget),
+                                                  banned)
       text += chunk_text
       k = len(images) + 1
       last_line = text.strip().splitlines()[-1] if text.strip() else ""
@@ -399,6 +409,14 @@ class Director:
       side = self.image_size // self.config.model.vit.patch_size
       slots += side * side + 2
     return slots
+
+  def _banned_after_keyframe(self, text: str, next_frame: int):
+    """The ID tags the schema forbids once the header is written (None when switched off)."""
+    if not bool(self.inf.get("schema_constrained", True)):
+      return None
+    characters, environments = schema_constraints.defined_counts(text)
+    return schema_constraints.banned_after_keyframe(self.tok.special_ids, int(self.config.model.vocab_size),
+                                                    characters, environments, next_frame)
 
   def _valid_attempts(self) -> int:
     return int(self.inf.get("valid_attempts", 1))  # checkpoints saved before the field: 1

@@ -84,7 +84,7 @@ class Engine:
     return velocity
 
   # ------------------------------------------------------------------ text generation
-  def _generate_impl(self, params, tables, cache: KVCache, logits, rng, stop_ids, max_new: int,
+  def _generate_impl(self, params, tables, cache: KVCache, logits, rng, stop_ids, banned, max_new: int,
                      sampling: SamplingParams):
     b = logits.shape[0]
 
@@ -95,6 +95,7 @@ class Engine:
     def body(state):
       i, cache, logits, tokens, done, rng = state
       rng, key = jax.random.split(rng)
+      logits = jnp.where(banned, -jnp.inf, logits)  # [B, V]; banned [V]: tokens the caller forbids
       token = sample_token(key, logits, sampling).astype(jnp.int32)
       live = ~done
       tokens = tokens.at[:, i].set(jnp.where(live, token, -1))
@@ -109,14 +110,18 @@ class Engine:
     _, cache, logits, tokens, _, _ = jax.lax.while_loop(cond, body, init)
     return cache, tokens, logits
 
-  def generate(self, cache: KVCache, logits, rng, *, max_new: int, stop_ids, sampling=SamplingParams()):
+  def generate(self, cache: KVCache, logits, rng, *, max_new: int, stop_ids, sampling=SamplingParams(),
+               banned=None):
     """Samples up to ``max_new`` tokens per row (stopping at ``stop_ids``); returns (cache, tokens [B, max_new]).
 
-    Generated tokens are in the cache; ``-1`` marks slots after a row stopped.
+    ``banned`` (bool ``[vocab]``, optional) marks tokens that are never sampled (schema
+    constraints); it is an array argument, so changing it does not recompile. Generated tokens
+    are in the cache; ``-1`` marks slots after a row stopped.
     """
     kv_cache.check_room(cache, max_new)
+    banned = jnp.zeros(logits.shape[-1], bool) if banned is None else jnp.asarray(banned, bool)
     cache, tokens, _ = self._generate(self.params, self.tables, cache, logits, rng,
-                                      jnp.asarray(stop_ids, jnp.int32), max_new=max_new, sampling=sampling)
+                                      jnp.asarray(stop_ids, jnp.int32), banned, max_new=max_new, sampling=sampling)
     return cache, tokens
 
   # ------------------------------------------------------------------ image generation
