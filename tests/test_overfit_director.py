@@ -45,7 +45,8 @@ def test_overfit_one_story_then_draw_its_keyframes():
   c.data.update(batch_size=2, und_len=320, gen_len=96, max_segments=16)
   # the tiny config's model and flow settings (x0 head, x0 loss), at training shift 3, one story
   c.model.timestep_shift = 3.0
-  c.optim.update(learning_rate=3e-3, warmup_steps=10, schedule="constant", ema_decay=0.0)
+  c.optim.update(learning_rate=3e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.05, ema_decay=0.0)
+  c.train.steps = STEPS  # the cosine decays over the run: the last steps settle the fit
   c.inference.update(cache_capacity=512)
   record = _short_story(c)
   tok = Tokenizer(c.data.tokenizer_path, c.model.vocab_size)

@@ -54,8 +54,11 @@ def test_sigkill_and_sigterm_resume_reproduce_losses_bitwise(tmp_path):
   kill_at = random.Random().randint(3, 5)
   code = _signal_after(_train_cmd(killed, steps=12), killed / "metrics.jsonl", kill_at, signal.SIGKILL)
   assert code == -signal.SIGKILL, "the run finished before it could be killed"
-  # the resumed run gets SIGTERM at its first new step: it saves at the next step boundary and exits cleanly
-  code = _signal_after(_train_cmd(killed, steps=12), killed / "metrics.jsonl", kill_at + 1, signal.SIGTERM)
+  # the resumed run gets SIGTERM at its first new step: it saves at the next step boundary and exits
+  # cleanly. "New" counts from the lines the killed run left (it may have logged a step or two
+  # between the poll and the kill), so the signal never lands before the handler is installed
+  written = len((killed / "metrics.jsonl").read_text().splitlines())
+  code = _signal_after(_train_cmd(killed, steps=12), killed / "metrics.jsonl", written + 1, signal.SIGTERM)
   stopped = read_metrics(str(killed))[-1]["step"]
   assert code == 0 and stopped < 12, "the run finished before SIGTERM arrived"
   assert stopped in checkpointing.orbax_io.finished_steps(str(killed / "checkpoints"))
