@@ -31,6 +31,7 @@ TAG_KINDS = ("Prompt", "Character", "Environment", "Frame", "Video")
 _LINE_RE = re.compile(r"^<(Prompt|Character|Environment|Frame|Video)(\d*)>: ?(.*)$")
 _TAG_RE = re.compile(r"<([A-Za-z]+)(\d*)>")
 _CUE_RE = re.compile(r"<-(.*?)->")
+LINE_RE, TAG_RE = _LINE_RE, _TAG_RE  # "<Tag>: text" lines and ID tags, for the director's constraints
 
 
 class ScriptError(UserError, ValueError):

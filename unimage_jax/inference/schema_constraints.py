@@ -11,19 +11,20 @@ model wrote valid without changing any other choice it makes.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
-_DEFINITION = re.compile(r"^<(Character|Environment)(\d+)>:", re.MULTILINE)
-_TAG = re.compile(r"^<(Prompt|Character|Environment|Frame|Video)(\d*)>$")
+from unimage_jax.script_schema import LINE_RE, TAG_RE
+
+_KINDS = ("Prompt", "Character", "Environment", "Frame", "Video")
 
 
 def defined_counts(text: str) -> tuple[int, int]:
   """(characters, environments) defined by ``<CharacterN>:`` / ``<EnvironmentN>:`` lines of ``text``."""
   found = {"Character": set(), "Environment": set()}
-  for kind, num in _DEFINITION.findall(text):
-    found[kind].add(int(num))
+  for line in text.splitlines():
+    m = LINE_RE.match(line.strip())
+    if m and m.group(1) in found and m.group(2):
+      found[m.group(1)].add(int(m.group(2)))
   return len(found["Character"]), len(found["Environment"])
 
 
@@ -38,8 +39,8 @@ def banned_after_keyframe(special_ids: dict[str, int], vocab_size: int, characte
   limit = {"Character": characters, "Environment": environments}
   banned = np.zeros(vocab_size, bool)
   for symbol, token in special_ids.items():
-    m = _TAG.match(symbol)
-    if m is None or token >= vocab_size:
+    m = TAG_RE.fullmatch(symbol)
+    if m is None or m.group(1) not in _KINDS or token >= vocab_size:
       continue
     kind, num = m.group(1), int(m.group(2) or 0)
     allowed = num <= limit[kind] if kind in limit else (kind == "Frame" and num == next_frame)
