@@ -49,7 +49,7 @@ from unimage_jax.pixel_codec import image_to_tokens
 from unimage_jax.script_schema import Script, frame_line, header_lines, video_line
 from unimage_jax.tokenizer import Tokenizer
 
-TASKS = ("interleaved", "script", "keyframe", "header")
+TASKS = ("interleaved", "script", "keyframe", "header", "opening")
 
 
 class SampleTooLargeError(UserError, ValueError):
@@ -218,7 +218,7 @@ class Planner:
       raise ValueError(f"story {record['story_id']}: {len(frames)} keyframes for {len(script.shots)} shots")
     self._cache: dict[str, list[int]] = {}
     build = {"interleaved": self.interleaved, "script": self.script, "keyframe": self.keyframe,
-             "header": self.header}[task]
+             "header": self.header, "opening": self.opening}[task]
     return Sample(task, record["story_id"], build(script, frames, rng))
 
   def interleaved(self, script: Script, frames: list[np.ndarray], rng: np.random.Generator):
@@ -252,6 +252,17 @@ class Planner:
     """The interleaved layout's first text (trained), without the images."""
     del frames, rng
     return self._fitting([[self._first_text(script)]], f"the header of {script.prompt[:40]!r}")
+
+  def opening(self, script: Script, frames, rng: np.random.Generator):
+    """The interleaved layout's first text (trained) and the noised copies of keyframe 1 (no
+    clean copy: nothing would see it). The opening shot is fully determined by the header and
+    its frame line, so these short samples teach the image tokens to read the cast and place
+    lines without the history that later shots also need."""
+    del rng
+    if not frames:
+      raise ValueError(f"the story {script.prompt[:40]!r} has no keyframe for its opening shot")
+    segs = [self._first_text(script)] + [self._image(frames[0], True)] * self.cfg.noised_copies
+    return self._fitting([segs], f"the opening shot of {script.prompt[:40]!r}")
 
   def script(self, script: Script, frames, rng: np.random.Generator):
     """Variants: the continuation cut after shot ``end``, end = K .. first continued shot."""

@@ -39,6 +39,18 @@ def test_header_task_is_the_interleaved_first_text_alone():
   assert header[0].token_ids[-1] == p.tok.im_end
 
 
+def test_opening_task_is_the_first_text_and_noised_copies_of_keyframe_1():
+  p, _ = _planner(noised_copies=2)
+  rec = _record(5)
+  opening = p.plan(rec, np.random.default_rng(0), "opening").segments
+  first = p.plan(rec, np.random.default_rng(0), "interleaved").segments
+  assert _kinds(opening) == ["T", "N", "N"] and opening[0].train
+  assert opening[0].token_ids.tolist() == first[0].token_ids.tolist()
+  tokens, _, _ = pixel_codec.image_to_tokens(rec["keyframes"][0], 4, 2)
+  for seg in opening[1:]:
+    np.testing.assert_array_equal(seg.latents, tokens)
+
+
 def test_interleaved_layout():
   p, _ = _planner()
   rec = _record(5)
