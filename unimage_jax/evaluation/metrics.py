@@ -42,7 +42,6 @@ from unimage_jax.evaluation import detector, expected, script_semantics
 METRICS = ("validity", "cast_consistency", "agreement", "identity_consistency",
            "prompt_names", "prompt_places", "prompt_count")
 _PROMPT_WORD = re.compile(r"[A-Za-z]+")
-_CHAR_LINE = re.compile(r"^<Character(\d+)>: ?(.*)$")
 
 
 @dataclasses.dataclass
@@ -83,9 +82,9 @@ def script_cast_checks(script: ss.Script, raw_text: str,
   """Checks (a) and (b) of cast consistency, as (name, passed)."""
   defined: dict[int, set[str]] = collections.defaultdict(set)
   for line in raw_text.splitlines():
-    m = _CHAR_LINE.match(line.strip())
-    if m:
-      defined[int(m.group(1))].add(m.group(2).strip())
+    m = ss.LINE_RE.match(line.strip())
+    if m and m.group(1) == "Character" and m.group(2):
+      defined[int(m.group(2))].add(m.group(3).strip())
   checks = []
   for i, traits in enumerate(sem.cast, start=1):
     stable = len(defined.get(i, {script.characters[i - 1]})) <= 1

@@ -11,12 +11,8 @@ header) cannot be repaired: the director then samples again with the next seed.
 
 from __future__ import annotations
 
-import re
-
 from unimage_jax import script_schema
-from unimage_jax.script_schema import Script, ScriptError, Shot
-
-_LINE = re.compile(r"^<(Prompt|Character|Environment|Frame|Video)(\d*)>:\s?(.*)$")
+from unimage_jax.script_schema import LINE_RE, Script, ScriptError, Shot
 
 
 class UnrepairableScriptError(ValueError):
@@ -45,7 +41,7 @@ def parse_or_repair(text: str, prompt: str, max_shots: int | None = None) -> tup
   for line in text.splitlines():
     if not line.strip():
       continue
-    m = _LINE.match(line.strip())
+    m = LINE_RE.match(line.strip())  # the body is stripped below, so any space after ':' goes
     if not m or (m.group(1) != "Prompt" and not m.group(2)):
       dropped += 1
       continue

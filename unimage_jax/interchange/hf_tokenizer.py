@@ -16,9 +16,8 @@ from typing import Sequence
 
 import tokenizers
 
+from unimage_jax.script_schema import CONTROL_TOKENS
 from unimage_jax.tokenizer import set_control_ids
-
-CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
 def _tokenizer_file(path: str) -> str:
