@@ -259,9 +259,14 @@ INFERENCE_MODES = ("auto", "interleaved", "disentangled")
 RENORM_TYPES = ("global", "channel", "text_channel")
 
 
+def vae_downsample(m: ml_collections.ConfigDict) -> int:
+  """Pixels per latent cell of the VAE; configs saved before the field had FLUX's 8."""
+  return m.get("vae_downsample", 8)
+
+
 def latent_downsample(m: ml_collections.ConfigDict) -> int:
   """Pixels per latent cell: the pixel codec's fold, or the VAE's (FLUX: 8)."""
-  return m.pixel_downsample if m.autoencoder == "pixel" else m.get("vae_downsample", 8)  # older configs: FLUX
+  return m.pixel_downsample if m.autoencoder == "pixel" else vae_downsample(m)
 
 
 def image_tokens(c: ml_collections.ConfigDict) -> int:

@@ -19,12 +19,14 @@ from typing import Any
 
 import ml_collections
 
+from unimage_jax.config_validation import latent_downsample
+from unimage_jax.vae.flux_vae import FLUX_SCALE, FLUX_SHIFT
+
 LLM_CONFIG = "llm_config.json"
 VIT_CONFIG = "vit_config.json"
 VAE_CONFIG = "vae_config.json"
 UNIMAGE_CONFIG = "unimage_config.json"
 
-FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
 # ``vit_config.json`` names one SigLIP layer more than the model keeps (BAGEL's loaders drop it).
 BAGEL_VIT_LAYER_OFFSET = 1
 
@@ -79,7 +81,7 @@ def vae_config(m: ml_collections.ConfigDict) -> dict[str, Any]:
   return {
       "autoencoder": m.autoencoder,
       "latent_channels": m.latent_channels,
-      "downsample": m.get("vae_downsample", 8) if flux else m.pixel_downsample,
+      "downsample": latent_downsample(m),
       "scale_factor": FLUX_SCALE if flux else 1.0,
       "shift_factor": FLUX_SHIFT if flux else 0.0,
       "latent_patch_size": m.latent_patch_size,

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159  # FLUX's latent normalisation: z = FLUX_SCALE * (z_raw - FLUX_SHIFT)
+
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
@@ -33,8 +35,8 @@ class VAEConfig:
   layers_per_block: int = 2
   latent_channels: int = 16
   norm_num_groups: int = 32
-  scaling_factor: float = 0.3611
-  shift_factor: float = 0.1159
+  scaling_factor: float = FLUX_SCALE
+  shift_factor: float = FLUX_SHIFT
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any]) -> "VAEConfig":

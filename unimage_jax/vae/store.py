@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unimage_jax.config_validation import vae_downsample
 from unimage_jax.errors import UserError
 from unimage_jax.vae import flux_vae
 
@@ -85,7 +86,7 @@ def load_vae(path: str, field: str = "config.model.vae_path") -> flux_vae.FluxVA
 def check_matches(vae_cfg: flux_vae.VAEConfig, model_cfg, image_size: int, field: str = "config.model.vae_path") -> None:
   """The VAE's latent space is the model's: channels, downsampling, and the grid fits."""
   bad = []
-  model_down = model_cfg.get("vae_downsample", 8)  # configs saved before the field: FLUX's 8
+  model_down = vae_downsample(model_cfg)
   if vae_cfg.latent_channels != model_cfg.latent_channels:
     bad.append(f"the VAE has {vae_cfg.latent_channels} latent channels but config.model.latent_channels="
                f"{model_cfg.latent_channels}")
