@@ -80,3 +80,15 @@ def test_zigzag_chunks_must_be_whole_attention_tiles():
   validate_config(load_config("configs/tiny.py", {**zig, "model.attention_impl": "xla"}))  # the reference skips nothing
   validate_config(load_config("configs/tiny.py", {**zig, "model.attention_impl": "pallas_tpu", "data.und_len": 256,
                                                   "data.gen_len": 256}))  # one 512-slot tile per row
+
+
+def test_every_enumerated_choice_is_implemented():
+  """unimage_jax/choices.py names the accepted values; the jax modules that implement them agree."""
+  from unimage_jax import choices
+  from unimage_jax.attention import dispatch
+  from unimage_jax.inference import flow
+  from unimage_jax.model import stacking
+  assert tuple(stacking.REMAT_POLICIES) == choices.REMAT_POLICIES
+  for backend in ("cpu", "gpu", "tpu"):
+    assert {dispatch.resolve_impl(impl, backend) for impl in choices.ATTENTION_IMPLS} <= set(choices.ATTENTION_IMPLS)
+  assert tuple(flow.RENORM_TYPES) == choices.RENORM_TYPES

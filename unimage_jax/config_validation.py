@@ -11,15 +11,10 @@ import math
 
 import ml_collections
 
+from unimage_jax.choices import (ATTENTION_IMPLS, AUTOENCODERS, CONTEXT_PARALLEL, FLOAT_DTYPES, FLOW_PREDICTIONS,
+                                 INFERENCE_MODES, PARAM_GROUPS, REMAT_POLICIES, RENORM_TYPES, SCHEDULES,
+                                 XLA_ATTENTION_IMPLS)
 from unimage_jax.errors import UserError
-
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots_saveable", "save_attention_out")
-ATTENTION_IMPLS = ("xla", "xla_flash", "pallas_tpu", "pallas_gpu", "auto")
-AUTOENCODERS = ("pixel", "flux_vae")
-FLOW_PREDICTIONS = ("velocity", "x0")
-SCHEDULES = ("cosine", "constant", "linear")
-PARAM_GROUPS = ("und_expert", "gen_expert", "embeddings", "lm_head", "latent_io", "connector", "vit")
 
 
 class ConfigError(UserError, ValueError):
@@ -49,14 +44,14 @@ def _model_errors(m: ml_collections.ConfigDict) -> list[str]:
   for name in ("param_dtype", "compute_dtype"):
     if m[name] not in FLOAT_DTYPES:
       errors.append(f"config.model.{name}={m[name]!r} must be one of {FLOAT_DTYPES}")
-  if m.remat_policy not in REMAT:
-    errors.append(f"config.model.remat_policy={m.remat_policy!r} must be one of {REMAT}")
+  if m.remat_policy not in REMAT_POLICIES:
+    errors.append(f"config.model.remat_policy={m.remat_policy!r} must be one of {REMAT_POLICIES}")
   if m.attention_impl not in ATTENTION_IMPLS:
     errors.append(f"config.model.attention_impl={m.attention_impl!r} must be one of {ATTENTION_IMPLS}")
   cp = m.get("context_parallel", "all_gather")
-  if cp not in ("all_gather", "ring"):
+  if cp not in CONTEXT_PARALLEL:
     errors.append(f"config.model.context_parallel={cp!r} must be 'all_gather' or 'ring'")
-  elif cp == "ring" and m.attention_impl not in ("xla", "xla_flash"):
+  elif cp == "ring" and m.attention_impl not in XLA_ATTENTION_IMPLS:
     errors.append(f"config.model.context_parallel='ring' runs the XLA flash tiles: set config.model.attention_impl "
                   f"to 'xla_flash' (now {m.attention_impl!r}) or use 'all_gather'")
   if m.autoencoder not in AUTOENCODERS:
@@ -253,10 +248,6 @@ def _zigzag_tile_errors(c: ml_collections.ConfigDict, seq: int) -> list[str]:
                     f"(2 * config.mesh.sequence={seq})), not whole {tile}-slot attention tiles of {kernel}: "
                     f"make the chunk a multiple of {tile} or use config.data.slot_layout='contiguous'")
   return errors
-
-
-INFERENCE_MODES = ("auto", "interleaved", "disentangled")
-RENORM_TYPES = ("global", "channel", "text_channel")
 
 
 def vae_downsample(m: ml_collections.ConfigDict) -> int:

@@ -17,10 +17,8 @@ from __future__ import annotations
 import jax
 
 from unimage_jax.attention.reference import reference_attention
+from unimage_jax.choices import ATTENTION_IMPLS as IMPLS, XLA_ATTENTION_IMPLS as XLA_IMPLS  # noqa: F401 (re-exported)
 from unimage_jax.layout import TokenMeta
-
-IMPLS = ("xla", "xla_flash", "pallas_tpu", "pallas_gpu", "auto")
-XLA_IMPLS = ("xla", "xla_flash")  # plain XLA: partitioned by GSPMD, no shard_map or interpret mode
 
 # Default tiles per kernel (block_q, block_k): MXU-sized on TPU, Triton-sized on GPU.
 DEFAULT_BLOCKS = {"pallas_tpu": (256, 512), "pallas_gpu": (64, 64)}
