@@ -97,6 +97,27 @@ def test_cached_velocity_equals_full_forward(engine):
   assert np.abs(v_cached).max() > 1e-3
 
 
+def test_extend_follows_scan_layers_with_one_result(engine):
+  """The cached path runs its layers like the forward (config.model.scan_layers); scanned or
+  unrolled, it writes the same cache and predicts the same logits and velocity. remat_policy only
+  matters to gradients: the cached path ignores it."""
+  eng, cfg = engine
+  rng = np.random.default_rng(3)
+  x_t = rng.normal(size=(4, latent_token_dim(cfg))).astype(np.float32)
+  results = []
+  for scan, remat in ((False, "none"), (True, "full")):
+    c = cfg.copy_and_resolve_references()
+    c.update(scan_layers=scan, remat_policy=remat)
+    e = Engine(functional.model_def(c), eng.params, eng.tables, c)
+    cache, logits = e.prefill(e.new_cache(1, 32), [_context(c)])
+    chunk = chunks.chunk_from_segments([[layout.ImageSegment(x_t, 2, 2, True, S, E)]], cache, c)
+    velocity = e.velocity(cache, chunk, jnp.asarray(x_t)[None], 0.7)
+    results.append([np.asarray(a) for a in (logits, cache.k, cache.v, velocity)])
+  for unrolled, scanned in zip(*results):
+    np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)
+  assert np.abs(results[0][3]).max() > 1e-3
+
+
 def test_guidance_scale_one_is_the_conditional_prediction():
   rng = np.random.default_rng(0)
   v, vt, vi = (jnp.asarray(rng.normal(size=(6, 8)), jnp.float32) for _ in range(3))

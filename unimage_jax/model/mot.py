@@ -159,13 +159,12 @@ class MoTDecoder(nnx.Module):
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
-    graphdef, stacked = nnx.split(self.layers)
 
-    def body(carry, xs):
-      layer_state, past_k, past_v = xs
-      layer = nnx.merge(graphdef, layer_state)
-      h_u, h_g, k, v = layer.extend(*carry, rope_und, rope_gen, meta, past_k, past_v, cache_meta, cfg, dtype)
+    def apply(layer, carry, past):  # past: this layer's (k, v) cache, each [B, P, Hkv, D]
+      h_u, h_g, k, v = layer.extend(*carry, rope_und, rope_gen, meta, *past, cache_meta, cfg, dtype)
       return (h_u, h_g), (k, v)
 
-    (h_und, h_gen), (new_k, new_v) = jax.lax.scan(body, (h_und, h_gen), (stacked, cache_k, cache_v))
+    # inference only: nothing is differentiated, so there is nothing to rematerialise
+    (h_und, h_gen), (new_k, new_v) = stacking.scan_stacked(
+        self.layers, (h_und, h_gen), apply, (cache_k, cache_v), scan=cfg.scan_layers, remat_policy="none")
     return self.norm(h_und), self.norm_moe_gen(h_gen), new_k, new_v

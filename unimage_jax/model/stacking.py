@@ -10,8 +10,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+# The jax checkpoint policy of each name in ``choices.REMAT_POLICIES`` (None: no remat); a test
+# (tests/test_config_validation.py) keeps the two in step.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -33,6 +36,38 @@ def stack_modules(factory: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: n
   return nnx.merge(graphdef, stacked)
 
 
+def scan_stacked(
+    stacked_module: nnx.Module,
+    carry: Any,
+    apply: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+    xs: Any,
+    *,
+    scan: bool,
+    remat_policy: str,
+) -> tuple[Any, Any]:
+  """Runs ``carry, y = apply(layer, carry, x)`` over the stacked layers (scanned or unrolled, maybe
+  remat), ``x`` being each layer's slice of ``xs`` (leading ``layers`` axis, or None); returns the
+  last carry and the ``y`` stacked along a leading ``layers`` axis, as ``lax.scan`` does."""
+  graphdef, stacked = nnx.split(stacked_module)
+  count = jax.tree.leaves(stacked)[0].shape[0]
+
+  def body(carry, layer_xs):
+    layer_state, x = layer_xs
+    return apply(nnx.merge(graphdef, layer_state), carry, x)
+
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+  if remat_policy != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+  if scan:
+    return jax.lax.scan(body, carry, (stacked, xs))
+  ys = []
+  for i in range(count):
+    carry, y = body(carry, jax.tree.map(lambda a: a[i], (stacked, xs)))
+    ys.append(y)
+  return carry, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *ys)
+
+
 def run_stacked(
     stacked_module: nnx.Module,
     carry: Any,
@@ -42,18 +77,5 @@ def run_stacked(
     remat_policy: str,
 ) -> Any:
   """Runs ``carry = apply(layer, carry)`` over the stacked layers (scanned or unrolled, maybe remat)."""
-  graphdef, stacked = nnx.split(stacked_module)
-  count = jax.tree.leaves(stacked)[0].shape[0]
-
-  def body(carry, layer_state):
-    return apply(nnx.merge(graphdef, layer_state), carry), None
-
-  if remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
-  if remat_policy != "none":
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
-  if scan:
-    return jax.lax.scan(body, carry, stacked)[0]
-  for i in range(count):
-    carry, _ = body(carry, jax.tree.map(lambda x: x[i], stacked))
-  return carry
+  return scan_stacked(stacked_module, carry, lambda layer, c, _: (apply(layer, c), None), None,
+                      scan=scan, remat_policy=remat_policy)[0]
