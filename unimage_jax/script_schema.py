@@ -28,9 +28,9 @@ CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_en
 CUE_OPEN, CUE_CLOSE = "<-", "->"
 TAG_KINDS = ("Prompt", "Character", "Environment", "Frame", "Video")
 
-_LINE_RE = re.compile(r"^<(Prompt|Character|Environment|Frame|Video)(\d*)>: ?(.*)$")
+_LINE_RE = re.compile(rf"^<({'|'.join(TAG_KINDS)})(\d*)>: ?(.*)$")
 _TAG_RE = re.compile(r"<([A-Za-z]+)(\d*)>")
-_CUE_RE = re.compile(r"<-(.*?)->")
+_CUE_RE = re.compile(f"{re.escape(CUE_OPEN)}(.*?){re.escape(CUE_CLOSE)}")
 LINE_RE, TAG_RE = _LINE_RE, _TAG_RE  # "<Tag>: text" lines and ID tags, for the director's constraints
 
 

@@ -38,8 +38,8 @@ def user_symbols(max_characters: int = MAX_CHARACTER_TAGS, max_environments: int
 def set_control_ids(tok) -> None:
   """``im_start``/``im_end``/``vision_start``/``vision_end`` attributes from ``tok.special_ids``
   (shared by the SentencePiece and the HF-tokenizers wrappers)."""
-  for name in ("im_start", "im_end", "vision_start", "vision_end"):
-    setattr(tok, name, tok.special_ids[f"<|{name}|>"])
+  for token in CONTROL_TOKENS:  # "<|im_start|>" -> tok.im_start
+    setattr(tok, token[2:-2], tok.special_ids[token])
 
 
 class Tokenizer:
