@@ -48,7 +48,7 @@ def _model_errors(m: ml_collections.ConfigDict) -> list[str]:
     errors.append(f"config.model.remat_policy={m.remat_policy!r} must be one of {REMAT_POLICIES}")
   if m.attention_impl not in ATTENTION_IMPLS:
     errors.append(f"config.model.attention_impl={m.attention_impl!r} must be one of {ATTENTION_IMPLS}")
-  cp = m.get("context_parallel", "all_gather")
+  cp = context_parallel(m)
   if cp not in CONTEXT_PARALLEL:
     errors.append(f"config.model.context_parallel={cp!r} must be 'all_gather' or 'ring'")
   elif cp == "ring" and m.attention_impl not in XLA_ATTENTION_IMPLS:
@@ -223,7 +223,7 @@ def attention_tile(m: ml_collections.ConfigDict) -> int | None:
   from unimage_jax.attention.blocked_xla import DEFAULT_BLOCK  # local: jax only when zig-zag is on
   from unimage_jax.attention.dispatch import DEFAULT_BLOCKS
   tiles = {"xla_flash": DEFAULT_BLOCK, **{k: math.lcm(*v) for k, v in DEFAULT_BLOCKS.items()}}
-  if m.get("context_parallel", "all_gather") == "ring":
+  if context_parallel(m) == "ring":
     return DEFAULT_BLOCK  # the ring runs the XLA flash tiles for both XLA impls
   if m.attention_impl == "auto":
     return math.lcm(*tiles.values())
@@ -238,7 +238,7 @@ def _zigzag_tile_errors(c: ml_collections.ConfigDict, seq: int) -> list[str]:
   tile = attention_tile(m)
   if tile is None or d.und_len + d.gen_len <= tile:
     return []
-  ring = m.get("context_parallel", "all_gather") == "ring"
+  ring = context_parallel(m) == "ring"
   kernel = "config.model.context_parallel='ring'" if ring else f"config.model.attention_impl={m.attention_impl!r}"
   errors = []
   for name in ("und_len", "gen_len"):
@@ -248,6 +248,12 @@ def _zigzag_tile_errors(c: ml_collections.ConfigDict, seq: int) -> list[str]:
                     f"(2 * config.mesh.sequence={seq})), not whole {tile}-slot attention tiles of {kernel}: "
                     f"make the chunk a multiple of {tile} or use config.data.slot_layout='contiguous'")
   return errors
+
+
+def context_parallel(m: ml_collections.ConfigDict) -> str:
+  """How rows split over the sequence axis attend (``CONTEXT_PARALLEL``); configs saved before the
+  field all-gather."""
+  return m.get("context_parallel", "all_gather")
 
 
 def vae_downsample(m: ml_collections.ConfigDict) -> int:

@@ -21,6 +21,7 @@ from unimage_jax.attention import dispatch as attention_dispatch
 from unimage_jax.attention import mesh_context
 from unimage_jax.layout import TokenMeta
 from unimage_jax import sharding
+from unimage_jax.config_validation import context_parallel
 from unimage_jax.model import constraints, layers, row_shards, stacking
 from unimage_jax.model.positional import apply_rope
 
@@ -39,7 +40,7 @@ def model_attention(q, k, v, meta: TokenMeta, cfg: ml_collections.ConfigDict):
     if impl == "xla":
       kwargs["query_chunk"] = cfg.attention_query_chunk
     return context_parallel_attention(q, k, v, meta, mesh=mesh, impl=impl,
-                                      strategy=cfg.get("context_parallel", "all_gather"), **kwargs)
+                                      strategy=context_parallel(cfg), **kwargs)
   if impl not in attention_dispatch.XLA_IMPLS and mesh is not None and mesh.size > 1:
     from unimage_jax.attention.sharded import sharded_attention
     # interpret mode only where the mesh's devices are CPUs (tests); real kernels for TPU/GPU meshes,
