@@ -14,14 +14,9 @@ from absl import logging
 
 from unimage_jax import tokenizer as tokenizer_lib
 from unimage_jax import sharding
-from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
 from unimage_jax.errors import UserError
-from unimage_jax.model import functional
-from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib, profiling
-from unimage_jax.training import optimizer as opt_lib
-from unimage_jax.training import state as state_lib
-from unimage_jax.training import step as step_lib
+from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib, profiling, train_setup
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -72,16 +67,12 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   """Runs ``config.train.steps`` steps in ``config.train.workdir``; returns the last logged metrics."""
   validate_config(config)
   mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_mesh_compatible(config, mesh)
+  setup = train_setup.setup_train(config, mesh)
   workdir = config.train.workdir
   # before anything is written: a run its checkpoints cannot continue is refused here
   checkpointing.check_resume(config, os.path.join(workdir, "checkpoints"))
 
-  mdef = functional.model_def(config.model)
-  abstract_params, _ = functional.abstract_params(config.model)
-  optimizer = opt_lib.make_optimizer(config, abstract_params)
-  abstract = state_lib.abstract_state(config, optimizer)
-  shardings = state_lib.state_shardings(config, abstract, mesh)
+  shardings = setup.shardings
   data = data_source.make_data_iterator(config, mesh)  # builds the default data on first use
   os.makedirs(workdir, exist_ok=True)  # written only once the data and tokenizer are known to be good
   if jax.process_index() == 0:
@@ -93,9 +84,9 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config)
   ckpt.install_sigterm_handler()
-  restored = ckpt.restore_latest(abstract, shardings, data)
+  restored = ckpt.restore_latest(setup.abstract, shardings, data)
   if restored is None:
-    state = state_lib.init_state(config, optimizer, shardings)
+    state = setup.init_state()
     start = 0
     if config.train.init_from:
       state = _init_from(state, config, shardings)
@@ -108,16 +99,10 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
       ckpt.close()
       return _already_done(workdir, start, config.train.steps)
 
-  batch_spec = data_source.batch_spec(config, mesh)
-  batch_shardings = {k: v.sharding for k, v in batch_spec.items()}
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, optimizer), shardings, batch_shardings)
   t0 = time.time()
-  with attention_mesh(mesh, config.logical_axis_rules):  # Pallas attention kernels run per shard of this mesh
-    compiled = train_step.lower(state, batch_spec).compile()
+  compiled = setup.compile(state)
   logging.info("train step compiled in %.1fs", time.time() - t0)
-  flops_per_device = metrics_lib.analytic_flops_per_step(config) / mesh.size
-  peak = metrics_lib.peak_flops(mesh.devices.flat[0])
-  tokens_per_step = config.data.batch_size * (config.data.und_len + config.data.gen_len)
+  throughput = metrics_lib.Throughput.of(config, mesh)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   profiler = profiling.StepProfiler(config.train.profile_steps, workdir)
@@ -136,11 +121,7 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
       window_steps += 1
       if done % config.train.log_every == 0 or done == config.train.steps:
         fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.time() - window_start
-        step_time = elapsed / window_steps
-        fetched.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
-        if peak:
-          fetched["mfu"] = flops_per_device / step_time / peak
+        fetched.update(throughput.rates((time.time() - window_start) / window_steps))
         writer.write(done, fetched)
         last = dict(fetched, step=done)
         if bar is not None:
