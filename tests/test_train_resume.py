@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from unimage_jax import sharding
+from unimage_jax.config_text import config_text
 from unimage_jax.config_validation import ConfigError
 from unimage_jax.training import checkpointing, loop
 from unimage_jax.training.metrics import read_metrics
@@ -137,8 +138,11 @@ def test_mesh_mismatch_is_refused_before_compiling(tiny_config):
 
 
 def test_relative_workdir_checkpoints(tiny_config, tmp_path, monkeypatch):
-  """The README's main job uses a relative workdir (runs/tiny); Orbax needs absolute paths."""
+  """The README's main job uses a relative workdir (runs/tiny); Orbax needs absolute paths. The
+  workdir also records the effective config as ``tools/show_config.py`` prints it."""
   monkeypatch.chdir(tmp_path)
   tiny_config.train.update(workdir="runs/rel", steps=2, checkpoint_every=1)
   loop.train(tiny_config, devices=jax.devices()[:1])
   assert sorted(p.name for p in (tmp_path / "runs/rel/checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+  written = (tmp_path / "runs/rel/config.txt").read_text()
+  assert written == config_text(tiny_config) and "train.workdir = 'runs/rel'\n" in written

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from unimage_jax import sharding
+from unimage_jax import config_text, sharding
 from unimage_jax import tokenizer as tokenizer_lib
 from unimage_jax.config_validation import ConfigError, validate_config
 from unimage_jax.errors import UserError
@@ -64,13 +64,16 @@ def _already_done(workdir: str, step: int, steps: int) -> dict[str, Any]:
 
 
 def _write_run_files(config: ml_collections.ConfigDict) -> None:
-  """The workdir's record of the run (process 0): ``config.json`` and, for real data, a copy of the tokenizer."""
+  """The workdir's record of the run (process 0): ``config.json``, ``config.txt`` (sorted ``key = value``
+  lines, as ``tools/show_config.py`` prints them) and, for real data, a copy of the tokenizer."""
   workdir = config.train.workdir
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() != 0:
     return
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, "config.txt"), "w") as f:
+    f.write(config_text.config_text(config))
   if config.data.dataset != "synthetic":
     path = config.data.tokenizer_path  # a self-contained run: the director finds its tokenizer here
     shutil.copyfile(tokenizer_lib.tokenizer_file(path), os.path.join(workdir, tokenizer_lib.workdir_copy_name(path)))
