@@ -18,11 +18,8 @@ from data_pipelines.sequence_plan import PlanConfig, Planner
 from unimage_jax import layout, script_schema, sharding
 from unimage_jax.director import Director
 from unimage_jax.evaluation import metrics
-from unimage_jax.model import functional
 from unimage_jax.tokenizer import Tokenizer
-from unimage_jax.training import optimizer as opt_lib
-from unimage_jax.training import state as state_lib
-from unimage_jax.training import step as step_lib
+from unimage_jax.training.train_setup import setup_train
 
 STEPS = int(__import__("os").environ.get("OVERFIT_STEPS", 500))  # ~2.5 min on 2 quiet cores
 
@@ -55,14 +52,9 @@ def test_overfit_one_story_then_draw_its_keyframes():
   assert len(noised) == 3, "every shot's keyframe is a target in the one row"
   batch = layout.stack_rows([row_encoder(c)([sample.segments])] * c.data.batch_size)
 
-  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  abstract_params, _ = functional.abstract_params(c.model)
-  tx = opt_lib.make_optimizer(c, abstract_params)
-  shardings = state_lib.state_shardings(c, state_lib.abstract_state(c, tx), mesh)
-  state = state_lib.init_state(c, tx, shardings)
-  step = step_lib.jit_train_step(step_lib.make_train_step(c, functional.model_def(c.model), tx), shardings,
-                                 sharding.batch_sharding(mesh))
-  batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, sharding.batch_sharding(mesh))
+  setup = setup_train(c, sharding.make_mesh(c.mesh, jax.devices()[:1]))
+  state, step = setup.init_state(), setup.step
+  batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, setup.batch_shardings)
   last = []
   for i in range(STEPS):
     state, m = step(state, batch)

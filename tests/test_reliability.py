@@ -23,9 +23,8 @@ from unimage_jax.config_validation import ConfigError
 from unimage_jax.interchange import export, orbax_io
 from unimage_jax.model import functional
 from unimage_jax.training import checkpointing, loop
-from unimage_jax.training import optimizer as opt_lib
-from unimage_jax.training import state as state_lib
 from unimage_jax.training.metrics import DISCARDED_NAME, read_metrics
+from unimage_jax.training.train_setup import setup_train
 
 MICRO = "tests/micro_config.py"
 
@@ -172,11 +171,10 @@ def test_no_readable_step_moves_nothing_aside(run_copy):
   for step in (1, 2):
     _truncate_data_files(ckpt_dir / str(step) / "params")
   c = _micro(run_copy, steps=4)
-  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  abstract = state_lib.abstract_state(c, opt_lib.make_optimizer(c, functional.abstract_params(c.model)[0]))
+  setup = setup_train(c, sharding.make_mesh(c.mesh, jax.devices()[:1]))
   ckpt = checkpointing.Checkpointer(str(ckpt_dir), c)
   with pytest.raises(checkpointing.NoUsableCheckpointError, match=r"step 2: .*\n.*step 1: "):
-    ckpt.restore_latest(abstract, state_lib.state_shardings(c, abstract, mesh), None)
+    ckpt.restore_latest(setup.abstract, setup.shardings, None)
   ckpt.close()
   assert orbax_io.finished_steps(str(ckpt_dir)) == [1, 2]
   assert not list(ckpt_dir.glob("*.corrupt*"))
@@ -216,9 +214,8 @@ def test_readers_fall_back_through_one_function(tmp_path, caplog):
   assert step == 1
   # init_from: a fresh state takes the step-1 params (the abstract state stands in for the new one)
   c.train.init_from = str(workdir)
-  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  abstract = state_lib.abstract_state(c, opt_lib.make_optimizer(c, functional.abstract_params(c.model)[0]))
-  state = loop._init_from(abstract, c, state_lib.state_shardings(c, abstract, mesh))
+  setup = setup_train(c, sharding.make_mesh(c.mesh, jax.devices()[:1]))
+  state = loop._init_from(setup.abstract, c, setup.shardings)
   np.testing.assert_array_equal(np.asarray(state.params["lm_head"]["kernel"]), params[1]["lm_head"]["kernel"])
   assert orbax_io.finished_steps(str(workdir / "checkpoints")) == [1, 2]  # readers never move a step
   # the CLI on a newest step with truncated arrays: a warning and step 1, with no traceback (Orbax's

@@ -8,10 +8,9 @@ from jax.sharding import PartitionSpec as P
 from unimage_jax import sharding, synthetic
 from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.attention.sharded import kernel_specs
-from unimage_jax.model import constraints, functional
-from unimage_jax.training import optimizer as opt_lib
-from unimage_jax.training import state as state_lib
+from unimage_jax.model import constraints
 from unimage_jax.training import step as step_lib
+from unimage_jax.training.train_setup import setup_train
 
 try:
   import libtpu  # noqa: F401
@@ -29,15 +28,11 @@ def changed_rules(rules):
 
 def _loss_and_grads(config, devices):
   mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_mesh_compatible(config, mesh)
-  mdef = functional.model_def(config.model)
-  params, _ = functional.abstract_params(config.model)
-  tx = opt_lib.make_optimizer(config, params)
-  shardings = state_lib.state_shardings(config, state_lib.abstract_state(config, tx), mesh)
-  state = state_lib.init_state(config, tx, shardings)
+  setup = setup_train(config, mesh)
+  shardings, state = setup.shardings, setup.init_state()
   batch_sharding = sharding.batch_sharding(mesh, config.logical_axis_rules)
   batch = jax.device_put(synthetic.random_batch(config, seed=0), batch_sharding)
-  fn = jax.jit(step_lib.make_loss_and_grad(config, mdef),
+  fn = jax.jit(step_lib.make_loss_and_grad(config, setup.model_def),
                in_shardings=(shardings.params, shardings.tables, batch_sharding, None))
   with attention_mesh(mesh, config.logical_axis_rules):
     lowered = fn.lower(state.params, state.tables, batch, jax.random.key(3))

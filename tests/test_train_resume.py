@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from unimage_jax import sharding
+from unimage_jax.config_text import config_text
 from unimage_jax.config_validation import ConfigError
 from unimage_jax.training import checkpointing, loop
-from unimage_jax.training import optimizer as opt_lib
-from unimage_jax.training import state as state_lib
 from unimage_jax.training.metrics import read_metrics
-from unimage_jax.model import functional
+from unimage_jax.training.train_setup import setup_train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -82,12 +81,10 @@ def test_corrupt_latest_checkpoint_is_moved_aside_recomputed_and_saved_again(tin
   for f in (ckpt_dir / "4" / "params").rglob("*"):
     if f.is_file() and f.parent.name == "d":
       f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
-  mesh = sharding.make_mesh(tiny_config.mesh, jax.devices()[:1])
-  tx = opt_lib.make_optimizer(tiny_config, functional.abstract_params(tiny_config.model)[0])
-  abstract = state_lib.abstract_state(tiny_config, tx)
+  setup = setup_train(tiny_config, sharding.make_mesh(tiny_config.mesh, jax.devices()[:1]))
   ckpt = checkpointing.Checkpointer(str(ckpt_dir), tiny_config)
   with caplog.at_level(logging.WARNING):
-    restored = ckpt.restore_latest(abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
+    restored = ckpt.restore_latest(setup.abstract, setup.shardings, None)
   ckpt.close()
   assert restored.step == 2
   assert f"checkpoint {ckpt_dir}/4 is unusable" in caplog.text
@@ -102,7 +99,7 @@ def test_corrupt_latest_checkpoint_is_moved_aside_recomputed_and_saved_again(tin
   caplog.clear()
   ckpt = checkpointing.Checkpointer(str(ckpt_dir), tiny_config)
   with caplog.at_level(logging.WARNING):
-    again = ckpt._restore(4, abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
+    again = ckpt._restore(4, setup.abstract, setup.shardings, None)
   ckpt.close()
   assert again.step == 4 and "unusable" not in caplog.text
 
@@ -112,16 +109,14 @@ def test_restore_onto_a_different_mesh(tiny_config, tmp_path):
   tiny_config.data.batch_size = 4
   tiny_config.mesh.update(data=2, fsdp=2, tensor=2)
   _train_in_process(tiny_config, tmp_path, jax.devices()[:8], steps=2)
-  tx = opt_lib.make_optimizer(tiny_config, functional.abstract_params(tiny_config.model)[0])
-  abstract = state_lib.abstract_state(tiny_config, tx)
   results = []
   for n, mesh_cfg in ((8, dict(data=2, fsdp=2, tensor=2)), (1, dict(data=1, fsdp=1, tensor=1)),
                       (4, dict(data=1, fsdp=2, tensor=2)),
                       (8, dict(data=2, fsdp=1, tensor=1, sequence=4))):  # context parallelism: 4 shards per row
     tiny_config.mesh.update(**mesh_cfg)
-    mesh = sharding.make_mesh(tiny_config.mesh, jax.devices()[:n])
+    setup = setup_train(tiny_config, sharding.make_mesh(tiny_config.mesh, jax.devices()[:n]))
     ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), tiny_config)
-    restored = ckpt.restore_latest(abstract, state_lib.state_shardings(tiny_config, abstract, mesh), None)
+    restored = ckpt.restore_latest(setup.abstract, setup.shardings, None)
     ckpt.close()
     q = restored.state.params["decoder"]["layers"]["und"]["mlp"]["up_proj"]["kernel"]
     assert q.sharding.mesh.size == n
@@ -143,8 +138,11 @@ def test_mesh_mismatch_is_refused_before_compiling(tiny_config):
 
 
 def test_relative_workdir_checkpoints(tiny_config, tmp_path, monkeypatch):
-  """The README's main job uses a relative workdir (runs/tiny); Orbax needs absolute paths."""
+  """The README's main job uses a relative workdir (runs/tiny); Orbax needs absolute paths. The
+  workdir also records the effective config as ``tools/show_config.py`` prints it."""
   monkeypatch.chdir(tmp_path)
   tiny_config.train.update(workdir="runs/rel", steps=2, checkpoint_every=1)
   loop.train(tiny_config, devices=jax.devices()[:1])
   assert sorted(p.name for p in (tmp_path / "runs/rel/checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+  written = (tmp_path / "runs/rel/config.txt").read_text()
+  assert written == config_text(tiny_config) and "train.workdir = 'runs/rel'\n" in written

@@ -6,27 +6,15 @@ import numpy as np
 import pytest
 
 from unimage_jax import sharding, synthetic
-from unimage_jax.model import functional
-from unimage_jax.training import optimizer as opt_lib
-from unimage_jax.training import state as state_lib
 from unimage_jax.training import step as step_lib
+from unimage_jax.training.train_setup import setup_train
 
 
 def _setup(config, devices):
-  mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_mesh_compatible(config, mesh)
-  mdef = functional.model_def(config.model)
-  params, _ = functional.abstract_params(config.model)
-  tx = opt_lib.make_optimizer(config, params)
-  abstract = state_lib.abstract_state(config, tx)
-  shardings = state_lib.state_shardings(config, abstract, mesh)
-  state = state_lib.init_state(config, tx, shardings)
-  return mesh, mdef, tx, shardings, state
-
-
-def _device_batch(config, mesh, seed=0):
-  batch = synthetic.random_batch(config, seed=seed)
-  return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, sharding.batch_sharding(mesh))
+  """The trainer's setup on ``devices``, a fresh state and a random batch in the step's shardings."""
+  setup = setup_train(config, sharding.make_mesh(config.mesh, devices))
+  batch = synthetic.random_batch(config, seed=0)
+  return setup, setup.init_state(), jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, setup.batch_shardings)
 
 
 def test_overfits_fixed_batch_both_losses_fall(tiny_config):
@@ -34,12 +22,10 @@ def test_overfits_fixed_batch_both_losses_fall(tiny_config):
   c.optim.update(learning_rate=3e-3, warmup_steps=5, ema_decay=0.99)
   c.model.timestep_shift = 3.0  # the step's mechanics, not the recipe: most t low enough to fit in 40 steps
   c.train.steps = 40
-  mesh, mdef, tx, shardings, state = _setup(c, jax.devices()[:1])
-  batch = _device_batch(c, mesh)
-  step = step_lib.jit_train_step(step_lib.make_train_step(c, mdef, tx), shardings, sharding.batch_sharding(mesh))
+  setup, state, batch = _setup(c, jax.devices()[:1])
   history = []
   for _ in range(40):
-    state, metrics = step(state, batch)
+    state, metrics = setup.step(state, batch)
     history.append({k: float(metrics[k]) for k in ("ce", "mse")})
   first, last = history[0], history[-1]
   assert last["ce"] < 0.5 * first["ce"], history
@@ -60,10 +46,10 @@ def test_sharded_step_matches_single_device(tiny_config):
   for devices, mesh_cfg in ((jax.devices()[:1], dict(data=1, fsdp=1, tensor=1)),
                             (jax.devices()[:8], dict(data=2, fsdp=2, tensor=2))):
     c.mesh.update(**mesh_cfg)
-    mesh, mdef, tx, shardings, state = _setup(c, devices)
-    batch = _device_batch(c, mesh)
-    fn = jax.jit(step_lib.make_loss_and_grad(c, mdef),
-                 in_shardings=(shardings.params, shardings.tables, sharding.batch_sharding(mesh), None),
+    setup, state, batch = _setup(c, devices)
+    shardings = setup.shardings
+    fn = jax.jit(step_lib.make_loss_and_grad(c, setup.model_def),
+                 in_shardings=(shardings.params, shardings.tables, setup.batch_shardings, None),
                  out_shardings=(None, None, shardings.params))
     loss, metrics, grads = fn(state.params, state.tables, batch, jax.random.key(3))
     if len(devices) == 8:  # the params really are split over the mesh
@@ -78,12 +64,11 @@ def test_sharded_step_matches_single_device(tiny_config):
 def test_gradient_accumulation_matches_full_batch(tiny_config):
   c = tiny_config
   c.data.batch_size = 4
-  mesh, mdef, tx, shardings, state = _setup(c, jax.devices()[:1])
-  batch = _device_batch(c, mesh)
+  setup, state, batch = _setup(c, jax.devices()[:1])
   outs = []
   for accum in (1, 2):
     c.train.grad_accum_steps = accum
-    fn = jax.jit(step_lib.make_loss_and_grad(c, mdef))
+    fn = jax.jit(step_lib.make_loss_and_grad(c, setup.model_def))
     # same noise per micro-batch is not expected; compare at a fixed timestep-free quantity: CE part
     c.loss.mse_weight = 0.0
     loss, metrics, grads = fn(state.params, state.tables, batch, jax.random.key(0))
@@ -95,10 +80,10 @@ def test_gradient_accumulation_matches_full_batch(tiny_config):
 
 def test_nonfinite_step_is_skipped_and_counted(tiny_config):
   c = tiny_config
-  mesh, mdef, tx, shardings, state = _setup(c, jax.devices()[:1])
-  batch = dict(_device_batch(c, mesh))
+  setup, state, batch = _setup(c, jax.devices()[:1])
+  batch = dict(batch)
   batch["gen_latents"] = batch["gen_latents"].at[0, 0, 0].set(jnp.nan)
-  step = jax.jit(step_lib.make_train_step(c, mdef, tx))
+  step = jax.jit(step_lib.make_train_step(c, setup.model_def, setup.optimizer))
   before = np.asarray(state.params["lm_head"]["kernel"])
   new_state, metrics = step(state, batch)
   assert not bool(metrics["finite"]) and int(new_state.skipped) == 1 and int(new_state.step) == 1
@@ -110,8 +95,8 @@ def test_stage2_routes_each_loss_to_its_expert(tiny_config):
   from unimage_jax.config_base import apply_stage
   c = apply_stage(tiny_config, "stage2")
   c.data.update(und_len=96, gen_len=48)
-  mesh, mdef, tx, shardings, state = _setup(c, jax.devices()[:1])
-  batch = _device_batch(c, mesh)
+  setup, state, batch = _setup(c, jax.devices()[:1])
+  mdef = setup.model_def
   params = dict(state.params)  # a trained llm2vae (it is zero at init, which blocks the flow gradient)
   params["llm2vae"] = {"kernel": jax.random.normal(jax.random.key(1), params["llm2vae"]["kernel"].shape) * 0.1,
                        "bias": params["llm2vae"]["bias"]}
@@ -144,10 +129,9 @@ def test_sharded_step_with_the_kernel_matches_the_reference(tiny_config, impl):
   out = {}
   for name in ("xla", impl):
     c.model.attention_impl = name
-    mesh, mdef, tx, shardings, state = _setup(c, jax.devices()[:4])
-    batch = _device_batch(c, mesh)
-    fn = jax.jit(step_lib.make_loss_and_grad(c, mdef))
-    with attention_mesh(mesh):
+    setup, state, batch = _setup(c, jax.devices()[:4])
+    fn = jax.jit(step_lib.make_loss_and_grad(c, setup.model_def))
+    with attention_mesh(setup.mesh):
       loss, _, grads = fn(state.params, state.tables, batch, jax.random.key(0))
     out[name] = (float(loss), jax.tree.map(np.asarray, grads))
   np.testing.assert_allclose(out[impl][0], out["xla"][0], rtol=2e-5)

@@ -61,21 +61,15 @@ def bench_train_step(config, num_steps: int) -> float | None:
     import jax
     import jax.numpy as jnp
     from unimage_jax import sharding
-    from unimage_jax.model import functional
-    from unimage_jax.training import optimizer as opt_lib, state as state_lib, step as step_lib
+    from unimage_jax.training import train_setup
   except ImportError as e:
     print(f"train step: not available here ({e})")
     return None
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  mdef = functional.model_def(config.model)
-  params, _ = functional.abstract_params(config.model)
-  tx = opt_lib.make_optimizer(config, params)
-  shardings = state_lib.state_shardings(config, state_lib.abstract_state(config, tx), mesh)
-  state = state_lib.init_state(config, tx, shardings)
-  bs = sharding.batch_sharding(mesh, config.logical_axis_rules)
-  step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, tx), shardings, bs)
+  setup = train_setup.setup_train(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  state, step = setup.init_state(), setup.step
   it = iter(pipeline.make_dataset(config, process_index=0, process_count=1))
-  batches = [jax.device_put({k: jnp.asarray(v) for k, v in next(it).items()}, bs) for _ in range(num_steps + 2)]
+  batches = [jax.device_put({k: jnp.asarray(v) for k, v in next(it).items()}, setup.batch_shardings)
+             for _ in range(num_steps + 2)]
   for b in batches[:2]:
     state, metrics = step(state, b)
   jax.block_until_ready(metrics)

@@ -1,12 +1,13 @@
 """One benchmark command: train step, attention kernel and data pipeline, each against its baseline.
 
   python tools/benchmark.py --config=configs/tiny.py --what=train,attention,data [--write]
-* train:     tokens/s and MFU of the train step with the config's attention vs the XLA reference
+* train:     tokens/s and MFU of the trainer's own compiled step (``unimage_jax/training/train_setup.py``: its
+             shardings and donation) with the config's attention vs the XLA reference
 * attention: fwd+bwd of the kernel (``--attention_impl``, default auto) vs the XLA reference on a
              StoryWorld-like packed row (on the CPU the kernel runs in interpret mode: that
              comparison is only meaningful on TPU/GPU)
 * data:      packed rows/s and efficiency vs one sample per row (unpacked)
-* torch:     the jitted train step against an eager PyTorch forward+backward of the same model
+* torch:     the trainer's compiled step against an eager PyTorch forward+backward of the same model
              (``unimage_jax.torch_serving`` with autograd, same weights, same packed StoryWorld
              rows, same losses), both on this machine's CPU threads
 ``--write`` appends the tables to BENCHMARKS.md with the command, machine and date.
@@ -46,35 +47,38 @@ def _median_time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def _time_trainer_step(setup, batch) -> float:
+  """Median seconds of the trainer's own compiled step (its shardings and donation: each call takes
+  the state the previous one returned, as the training loop does)."""
+  state = setup.init_state()
+  batch = jax.device_put(batch, setup.batch_shardings)
+  compiled = setup.compile(state)
+
+  def step():
+    nonlocal state
+    state, metrics = compiled(state, batch)
+    return metrics["loss"]
+
+  return _median_time(step, _STEPS.value)
+
+
 def bench_train(config) -> list[str]:
   from unimage_jax import sharding, synthetic
   from unimage_jax.attention.dispatch import resolve_impl
-  from unimage_jax.attention.mesh_context import attention_mesh
-  from unimage_jax.model import functional
-  from unimage_jax.training import metrics, optimizer, state as state_lib, step as step_lib
+  from unimage_jax.training import metrics, train_setup
   rows = ["| attention | step s | tokens/s | MFU | vs reference |", "|---|---|---|---|---|"]
   mesh = sharding.make_mesh(config.mesh)
-  batch = jax.device_put({k: jnp.asarray(v) for k, v in synthetic.random_batch(config).items()},
-                         sharding.batch_sharding(mesh, config.logical_axis_rules))
-  tokens = config.data.batch_size * (config.data.und_len + config.data.gen_len)
-  peak = metrics.peak_flops(jax.devices()[0])
+  batch = {k: jnp.asarray(v) for k, v in synthetic.random_batch(config).items()}
+  throughput = metrics.Throughput.of(config, mesh)
   results = {}
   for impl in dict.fromkeys([resolve_impl(config.model.attention_impl), "xla"]):
     c = config.copy_and_resolve_references()
     c.model.attention_impl = impl
-    params, _ = functional.abstract_params(c.model)
-    tx = optimizer.make_optimizer(c, params)
-    abstract = state_lib.abstract_state(c, tx)
-    shardings = state_lib.state_shardings(c, abstract, mesh)
-    state = state_lib.init_state(c, tx, shardings)
-    step = jax.jit(step_lib.make_train_step(c, functional.model_def(c.model), tx))
-    with attention_mesh(mesh, c.logical_axis_rules):
-      compiled = step.lower(state, batch).compile()
-    flops = metrics.analytic_flops_per_step(c) / mesh.size
-    seconds = _median_time(lambda: compiled(state, batch)[1]["loss"], _STEPS.value)
+    seconds = _time_trainer_step(train_setup.setup_train(c, mesh), batch)
     results[impl] = seconds
-    mfu = f"{flops / seconds / peak:.1%}" if peak else "n/a (no peak for this device)"
-    rows.append(f"| {impl} | {seconds:.3f} | {tokens / seconds:,.0f} | {mfu} | {results['xla'] / seconds if 'xla' in results else float('nan'):.2f}x |")
+    rates = throughput.rates(seconds)
+    mfu = f"{rates['mfu']:.1%}" if "mfu" in rates else "n/a (no peak for this device)"
+    rows.append(f"| {impl} | {seconds:.3f} | {rates['tokens_per_s']:,.0f} | {mfu} | {results['xla'] / seconds if 'xla' in results else float('nan'):.2f}x |")
   if len(results) > 1:  # fill the ratio of the first row now that the reference is known
     first = next(iter(results))
     rows[2] = rows[2].rsplit("|", 2)[0] + f"| {results['xla'] / results[first]:.2f}x |"
@@ -129,7 +133,7 @@ def bench_torch(config) -> list[str]:
   from unimage_jax.interchange import export
   from unimage_jax.model import functional
   from unimage_jax.torch_serving import load_exported
-  from unimage_jax.training import optimizer, state as state_lib, step as step_lib
+  from unimage_jax.training import train_setup
   torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores XLA's CPU client uses too
   pipeline.ensure_dataset(config, verbose=False)
   # the JAX step does more than the PyTorch one: it also applies AdamW, clipping and the EMA
@@ -157,13 +161,7 @@ def bench_torch(config) -> list[str]:
       tm.zero_grad(set_to_none=True)
 
     torch_s = _median_time(lambda: torch_step() or jnp.zeros(()), _STEPS.value)
-    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-    abstract_params, _ = functional.abstract_params(c.model)
-    tx = optimizer.make_optimizer(c, abstract_params)
-    shardings = state_lib.state_shardings(c, state_lib.abstract_state(c, tx), mesh)
-    state = state_lib.init_state(c, tx, shardings)
-    compiled = jax.jit(step_lib.make_train_step(c, functional.model_def(c.model), tx)).lower(state, batch).compile()
-    jax_s = _median_time(lambda: compiled(state, batch)[1]["loss"], _STEPS.value)
+    jax_s = _time_trainer_step(train_setup.setup_train(c, sharding.make_mesh(c.mesh, jax.devices()[:1])), batch)
     rows.append(f"| {n_rows} x ({c.data.und_len} + {c.data.gen_len}) | {torch_s:.3f} | {jax_s:.3f} | {jax_s / torch_s:.2f} |")
   return rows
 

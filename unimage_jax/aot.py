@@ -19,13 +19,8 @@ import jax
 import ml_collections
 from unimage_jax import hlo_analysis, sharding
 from unimage_jax.attention.dispatch import resolve_impl
-from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
-from unimage_jax.model import functional
-from unimage_jax.training import data_source, metrics as metrics_lib
-from unimage_jax.training import optimizer as opt_lib
-from unimage_jax.training import state as state_lib
-from unimage_jax.training import step as step_lib
+from unimage_jax.training import metrics as metrics_lib, train_setup
 
 # Per-chip HBM (bytes) and the topology shape of the usual slice names ("v5p-128": TensorCores).
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
@@ -123,31 +118,21 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str, num_sli
                       f"(e.g. --config.mesh.dcn_data={num_slices} or --config.mesh.dcn_fsdp={num_slices})")
   devices = topology_devices(topology, num_slices)
   mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_mesh_compatible(config, mesh)
-  params, _ = functional.abstract_params(config.model)
-  optimizer = opt_lib.make_optimizer(config, params)
-  abstract = state_lib.abstract_state(config, optimizer)
-  shardings = state_lib.state_shardings(config, abstract, mesh)
-  state_spec = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  batch = data_source.batch_spec(config, mesh)
-  step = step_lib.jit_train_step(step_lib.make_train_step(config, functional.model_def(config.model), optimizer),
-                                 shardings, {k: v.sharding for k, v in batch.items()})
+  setup = train_setup.setup_train(config, mesh)  # the trainer's own program: shardings, donation
   t0 = time.time()
   _, generation = topology_spec(topology)
-  with attention_mesh(mesh, config.logical_axis_rules):
-    lowered = step.lower(state_spec, batch)
-    try:
-      compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      needed = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
-      plan = Plan(topology=topology, devices=len(devices), mesh=dict(mesh.shape), num_slices=num_slices, argument_bytes=0,
-                  output_bytes=0, temp_bytes=int(float(needed.group(1)) * (1 << 30)) if needed else 0,
-                  alias_bytes=0, hbm_bytes=HBM_BYTES[generation], xla_flops_per_device=None,
-                  compile_seconds=time.time() - t0)
-      raise DoesNotFitError(f"the compiler ran out of HBM on {topology}: {str(e).splitlines()[0]}\n"
-                            f"{advice(plan, config)}", plan) from None
+  try:
+    compiled = setup.compile(setup.state_spec())
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    needed = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+    plan = Plan(topology=topology, devices=len(devices), mesh=dict(mesh.shape), num_slices=num_slices, argument_bytes=0,
+                output_bytes=0, temp_bytes=int(float(needed.group(1)) * (1 << 30)) if needed else 0,
+                alias_bytes=0, hbm_bytes=HBM_BYTES[generation], xla_flops_per_device=None,
+                compile_seconds=time.time() - t0)
+    raise DoesNotFitError(f"the compiler ran out of HBM on {topology}: {str(e).splitlines()[0]}\n"
+                          f"{advice(plan, config)}", plan) from None
   elapsed = time.time() - t0
   mem = compiled.memory_analysis()
   flat = list(mesh.devices.flat)  # SPMD partition id i runs on the device assignment's i-th device
@@ -193,7 +178,7 @@ def report(plan: Plan, config: ml_collections.ConfigDict) -> str:
   ]
   if plan.traffic is not None:
     lines.append(str(plan.traffic))
-  tokens = config.data.batch_size * (config.data.und_len + config.data.gen_len)
+  tokens = metrics_lib.tokens_per_step(config)
   model_flops = metrics_lib.analytic_flops_per_step(config) / plan.devices
   lines.append(f"model FLOPs per device per step {model_flops:.3e} ({tokens:,} tokens per step); XLA cost "
                f"analysis {plan.xla_flops_per_device or 0:.3e} (counts a scanned layer once, kernels as 0)")

@@ -7,6 +7,9 @@ Keeping one place for field names means a typo in a sweep override fails loudly
 from __future__ import annotations
 
 import ml_collections
+from absl import logging
+
+from unimage_jax import config_text
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -210,18 +213,26 @@ STAGES = ("stage1", "stage2")
 
 
 def apply_stage(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-  """The curriculum of docs/ARCHITECTURE.md §4 as config presets.
+  """The curriculum of docs/ARCHITECTURE.md §4 as config presets; logs (warning) every field it changes.
 
   stage1, Interleaved Concept Learning: whole scripts with their keyframes, both losses, all but
-  the ViT trainable. stage2, Disentangled Expert Learning: script writing (text, pre-context
-  splits) and keyframe generation (script + earlier keyframes -> next keyframe, conditioning
-  dropout) mixed; CE trains the und expert, embeddings and lm_head, the flow loss trains the gen
-  expert and the latent heads; rows give more slots to text. Start it from a stage-1 run with
-  ``--config.train.init_from=<stage-1 workdir>``.
+  the ViT trainable; nothing changes. stage2, Disentangled Expert Learning: script writing (text,
+  pre-context splits) and keyframe generation (script + earlier keyframes -> next keyframe,
+  conditioning dropout) mixed; CE trains the und expert, embeddings and lm_head, the flow loss
+  trains the gen expert and the latent heads. Start it from a stage-1 run with
+  ``--config.train.init_from=<stage-1 workdir>``. Besides the task weights and
+  ``optim.loss_groups``, stage2 changes two values a reader of the config file does not see:
+
+  * ``data.gen_len`` is halved and ``data.und_len`` takes the freed slots (rows give more slots
+    to text; the row length stays): configs/tiny.py's 1024 + 768 becomes 1408 + 384;
+  * ``train.workdir`` gets the suffix ``_stage2`` (``runs/tiny`` -> ``runs/tiny_stage2``).
+
+  ``tools/show_config.py --config=configs/tiny.py:stage2`` prints the resulting values.
   """
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES} (e.g. --config=configs/tiny.py:stage2)")
   if stage == "stage2":
+    before = config_text.flatten(c)
     c.data.tasks.update(interleaved=0.0, script=0.5, keyframe=0.5, header=0.0, opening=0.0)
     total = c.data.und_len + c.data.gen_len
     c.data.gen_len = max(c.data.gen_len // 2, 1)
@@ -229,4 +240,5 @@ def apply_stage(c: ml_collections.ConfigDict, stage: str) -> ml_collections.Conf
     c.optim.loss_groups = ml_collections.ConfigDict(
         {"ce": ["und_expert", "embeddings", "lm_head"], "mse": ["gen_expert", "latent_io", "connector"]})
     c.train.workdir = c.train.workdir.rstrip("/") + "_stage2"
+    logging.warning("the %s preset changed %s", stage, "; ".join(config_text.changes(before, config_text.flatten(c))))
   return c

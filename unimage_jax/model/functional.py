@@ -44,6 +44,11 @@ class ModelDef:
         state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     return axes(self.abstract_params), axes(self.abstract_tables)
 
+  def abstract_arrays(self) -> tuple[PyTree, PyTree]:
+    """ShapeDtypeStruct pure dicts of (params, tables)."""
+    to_sds = lambda s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(s))
+    return to_sds(self.abstract_params), to_sds(self.abstract_tables)
+
 
 class _Axes(tuple):
   """Logical axis names of one array; an unregistered tuple subclass, so pytrees keep it as a leaf."""
@@ -70,9 +75,7 @@ def init_params(model_cfg: ml_collections.ConfigDict, seed: int) -> tuple[PyTree
 
 def abstract_params(model_cfg: ml_collections.ConfigDict) -> tuple[PyTree, PyTree]:
   """ShapeDtypeStruct pure dicts of (params, tables), computed with eval_shape."""
-  d = model_def(model_cfg)
-  to_sds = lambda s: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(s))
-  return to_sds(d.abstract_params), to_sds(d.abstract_tables)
+  return model_def(model_cfg).abstract_arrays()
 
 
 def count(tree: PyTree) -> int:

@@ -12,16 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from unimage_jax import config_text, sharding
 from unimage_jax import tokenizer as tokenizer_lib
-from unimage_jax import sharding
-from unimage_jax.attention.mesh_context import attention_mesh
 from unimage_jax.config_validation import ConfigError, validate_config
 from unimage_jax.errors import UserError
-from unimage_jax.model import functional
-from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib, profiling
-from unimage_jax.training import optimizer as opt_lib
-from unimage_jax.training import state as state_lib
-from unimage_jax.training import step as step_lib
+from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib, profiling, train_setup
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -68,63 +63,93 @@ def _already_done(workdir: str, step: int, steps: int) -> dict[str, Any]:
   return dict(logged[-1] if logged else {}, step=step, already_done=True)
 
 
-def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
-  """Runs ``config.train.steps`` steps in ``config.train.workdir``; returns the last logged metrics."""
-  validate_config(config)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_mesh_compatible(config, mesh)
+def _write_run_files(config: ml_collections.ConfigDict) -> None:
+  """The workdir's record of the run (process 0): ``config.json``, ``config.txt`` (sorted ``key = value``
+  lines, as ``tools/show_config.py`` prints them) and, for real data, a copy of the tokenizer."""
   workdir = config.train.workdir
-  # before anything is written: a run its checkpoints cannot continue is refused here
-  checkpointing.check_resume(config, os.path.join(workdir, "checkpoints"))
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, "config.txt"), "w") as f:
+    f.write(config_text.config_text(config))
+  if config.data.dataset != "synthetic":
+    path = config.data.tokenizer_path  # a self-contained run: the director finds its tokenizer here
+    shutil.copyfile(tokenizer_lib.tokenizer_file(path), os.path.join(workdir, tokenizer_lib.workdir_copy_name(path)))
 
-  mdef = functional.model_def(config.model)
-  abstract_params, _ = functional.abstract_params(config.model)
-  optimizer = opt_lib.make_optimizer(config, abstract_params)
-  abstract = state_lib.abstract_state(config, optimizer)
-  shardings = state_lib.state_shardings(config, abstract, mesh)
-  data = data_source.make_data_iterator(config, mesh)  # builds the default data on first use
-  os.makedirs(workdir, exist_ok=True)  # written only once the data and tokenizer are known to be good
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    if config.data.dataset != "synthetic":
-      path = config.data.tokenizer_path  # a self-contained run: the director finds its tokenizer here
-      shutil.copyfile(tokenizer_lib.tokenizer_file(path), os.path.join(workdir, tokenizer_lib.workdir_copy_name(path)))
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config)
-  ckpt.install_sigterm_handler()
-  restored = ckpt.restore_latest(abstract, shardings, data)
+def _restore_or_init(setup: train_setup.TrainSetup, ckpt: checkpointing.Checkpointer, data):
+  """(state, first step): the newest checkpoint with its data position, else a fresh state
+  (from ``config.train.init_from``'s params when set)."""
+  config = setup.config
+  restored = ckpt.restore_latest(setup.abstract, setup.shardings, data)
   if restored is None:
-    state = state_lib.init_state(config, optimizer, shardings)
-    start = 0
+    state = setup.init_state()
     if config.train.init_from:
-      state = _init_from(state, config, shardings)
-  else:
-    state, start = restored.state, restored.step
-    logging.info("resumed from step %d (data position restored: %s)", start, restored.data_restored)
-    if not restored.data_restored:
-      logging.warning("checkpoint step %d has no data-iterator state: data order restarts", start)
-    if start >= config.train.steps:
-      ckpt.close()
-      return _already_done(workdir, start, config.train.steps)
+      state = _init_from(state, config, setup.shardings)
+    return state, 0
+  logging.info("resumed from step %d (data position restored: %s)", restored.step, restored.data_restored)
+  if not restored.data_restored:
+    logging.warning("checkpoint step %d has no data-iterator state: data order restarts", restored.step)
+  return restored.state, restored.step
 
-  batch_spec = data_source.batch_spec(config, mesh)
-  batch_shardings = {k: v.sharding for k, v in batch_spec.items()}
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, optimizer), shardings, batch_shardings)
+
+def _compile(setup: train_setup.TrainSetup, state):
+  """The step compiled once, for this state's shardings, before the first batch is drawn."""
   t0 = time.time()
-  with attention_mesh(mesh, config.logical_axis_rules):  # Pallas attention kernels run per shard of this mesh
-    compiled = train_step.lower(state, batch_spec).compile()
+  compiled = setup.compile(state)
   logging.info("train step compiled in %.1fs", time.time() - t0)
-  flops_per_device = metrics_lib.analytic_flops_per_step(config) / mesh.size
-  peak = metrics_lib.peak_flops(mesh.devices.flat[0])
-  tokens_per_step = config.data.batch_size * (config.data.und_len + config.data.gen_len)
+  return compiled
 
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-  profiler = profiling.StepProfiler(config.train.profile_steps, workdir)
-  bar = _progress(config.train.steps, start)
-  last: dict[str, Any] = {}
-  skipped_seen = int(state.skipped)
-  window_start, window_steps = time.time(), 0
+
+class _StepLogger:
+  """Every ``train.log_every`` steps (and the last): the step's metrics with the window's step time,
+  tokens/s and MFU to ``metrics.jsonl``/TensorBoard and the progress bar; enforces ``nonfinite='stop'``."""
+
+  def __init__(self, config: ml_collections.ConfigDict, throughput: metrics_lib.Throughput, start: int,
+               skipped: int):
+    self.config, self.throughput = config, throughput
+    self.writer = metrics_lib.MetricsWriter(config.train.workdir, resume_step=start)
+    self.bar = _progress(config.train.steps, start)
+    self.last: dict[str, Any] = {}
+    self.skipped_seen = skipped
+    self.window_start, self.window_steps = time.time(), 0
+
+  def step_done(self, done: int, metrics: dict[str, jax.Array]) -> None:
+    self.window_steps += 1
+    if done % self.config.train.log_every == 0 or done == self.config.train.steps:
+      self._log(done, metrics)
+
+  def _log(self, done: int, metrics: dict[str, jax.Array]) -> None:
+    fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    fetched.update(self.throughput.rates((time.time() - self.window_start) / self.window_steps))
+    self.writer.write(done, fetched)
+    self.last = dict(fetched, step=done)
+    if self.bar is not None:
+      self.bar.update(self.window_steps)
+      self.bar.set_postfix(loss=f"{fetched['loss']:.4f}", ce=f"{fetched['ce']:.3f}", mse=f"{fetched['mse']:.3f}")
+    if self.config.train.nonfinite == "stop" and fetched["skipped"] > self.skipped_seen:
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient between steps {done - self.window_steps + 1} and {done} "
+          f"(loss={fetched['loss']}, grad_norm={fetched['grad_norm']}); set config.train.nonfinite='skip' "
+          "to skip such steps instead")
+    self.skipped_seen = int(fetched["skipped"])
+    self.window_start, self.window_steps = time.time(), 0
+
+  def close(self) -> None:
+    self.writer.close()
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _run_steps(setup: train_setup.TrainSetup, compiled, state, start: int, data,
+               ckpt: checkpointing.Checkpointer) -> dict[str, Any]:
+  """Steps ``start + 1 .. train.steps``: checkpoints every ``train.checkpoint_every`` and at the end,
+  stops early (after a save) on preemption; returns the last logged metrics."""
+  config = setup.config
+  logger = _StepLogger(config, metrics_lib.Throughput.of(config, setup.mesh), start, int(state.skipped))
+  profiler = profiling.StepProfiler(config.train.profile_steps, config.train.workdir)
   try:
     for step in range(start, config.train.steps):
       done = step + 1
@@ -133,26 +158,7 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
       with jax.profiler.StepTraceAnnotation("train", step_num=done):
         state, metrics = compiled(state, batch)
       profiler.after(done, metrics)
-      window_steps += 1
-      if done % config.train.log_every == 0 or done == config.train.steps:
-        fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.time() - window_start
-        step_time = elapsed / window_steps
-        fetched.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time)
-        if peak:
-          fetched["mfu"] = flops_per_device / step_time / peak
-        writer.write(done, fetched)
-        last = dict(fetched, step=done)
-        if bar is not None:
-          bar.update(window_steps)
-          bar.set_postfix(loss=f"{fetched['loss']:.4f}", ce=f"{fetched['ce']:.3f}", mse=f"{fetched['mse']:.3f}")
-        if config.train.nonfinite == "stop" and fetched["skipped"] > skipped_seen:
-          raise NonFiniteLossError(
-              f"non-finite loss or gradient between steps {done - window_steps + 1} and {done} "
-              f"(loss={fetched['loss']}, grad_norm={fetched['grad_norm']}); set config.train.nonfinite='skip' "
-              "to skip such steps instead")
-        skipped_seen = int(fetched["skipped"])
-        window_start, window_steps = time.time(), 0
+      logger.step_done(done, metrics)
       if config.train.checkpoint_every and done % config.train.checkpoint_every == 0:
         ckpt.save(state, data)
       if ckpt.should_stop(done):
@@ -164,10 +170,26 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   finally:
     profiler.stop()
     ckpt.close()
-    writer.close()
-    if bar is not None:
-      bar.close()
-  return last
+    logger.close()
+  return logger.last
+
+
+def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
+  """Runs ``config.train.steps`` steps in ``config.train.workdir``; returns the last logged metrics."""
+  validate_config(config)
+  setup = train_setup.setup_train(config, sharding.make_mesh(config.mesh, devices))
+  workdir = config.train.workdir
+  # before anything is written: a run its checkpoints cannot continue is refused here
+  checkpointing.check_resume(config, os.path.join(workdir, "checkpoints"))
+  data = data_source.make_data_iterator(config, setup.mesh)  # builds the default data on first use
+  _write_run_files(config)  # only once the data and tokenizer are known to be good
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config)
+  ckpt.install_sigterm_handler()
+  state, start = _restore_or_init(setup, ckpt, data)
+  if start >= config.train.steps:  # only a restored run can be there (validate_config: steps > 0)
+    ckpt.close()
+    return _already_done(workdir, start, config.train.steps)
+  return _run_steps(setup, _compile(setup, state), state, start, data, ckpt)
 
 
 __all__ = ["train", "NonFiniteLossError", "ConfigError"]

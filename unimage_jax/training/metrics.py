@@ -6,6 +6,7 @@ the device's peak dense bf16 FLOP/s from the table below.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -67,6 +68,32 @@ def analytic_flops_per_step(config: ml_collections.ConfigDict) -> float:
              + 6 * d.und_len * e * m.vocab_size
              + 12 * m.num_layers * hq * hd * seq * (seq / 2))
   return float(d.batch_size * per_row)
+
+
+def tokens_per_step(config: ml_collections.ConfigDict) -> int:
+  """Token slots of one global step: rows x (und + gen) (padding included, as the step computes it)."""
+  return config.data.batch_size * (config.data.und_len + config.data.gen_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+  """What a measured step time means on this mesh: tokens/s and, where the peak is known, MFU."""
+
+  tokens_per_step: int
+  flops_per_device: float  # analytic model FLOPs of one step, per device
+  peak: float | None  # the device's peak FLOP/s
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, mesh) -> "Throughput":
+    return cls(tokens_per_step(config), analytic_flops_per_step(config) / mesh.size,
+               peak_flops(mesh.devices.flat[0]))
+
+  def rates(self, step_time: float) -> dict[str, float]:
+    """``step_time_s``, ``tokens_per_s`` and (with a known peak) ``mfu`` of one step time."""
+    out = dict(step_time_s=step_time, tokens_per_s=self.tokens_per_step / step_time)
+    if self.peak:
+      out["mfu"] = self.flops_per_device / step_time / self.peak
+    return out
 
 
 class MetricsWriter:

@@ -15,8 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from unimage_jax.config_validation import PARAM_GROUPS
-
 
 def group_of(path: tuple[str, ...]) -> str:
   """Parameter group of a pure-dict path such as ``('decoder', 'layers', 'gen', 'mlp', ...)``."""

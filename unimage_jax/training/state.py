@@ -48,9 +48,10 @@ def opt_state_shardings(abstract_opt_state, params_shardings, mesh: Mesh):
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def abstract_state(config: ml_collections.ConfigDict, optimizer: optax.GradientTransformation) -> TrainState:
+def abstract_state(config: ml_collections.ConfigDict, mdef: functional.ModelDef,
+                   optimizer: optax.GradientTransformation) -> TrainState:
   """ShapeDtypeStructs of the whole train state (no allocation)."""
-  params, tables = functional.abstract_params(config.model)
+  params, tables = mdef.abstract_arrays()
   ema = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params) if config.optim.ema_decay > 0 else None
   return TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32),
@@ -63,10 +64,11 @@ def abstract_state(config: ml_collections.ConfigDict, optimizer: optax.GradientT
   )
 
 
-def state_shardings(config: ml_collections.ConfigDict, abstract: TrainState, mesh: Mesh) -> TrainState:
+def state_shardings(config: ml_collections.ConfigDict, mdef: functional.ModelDef, abstract: TrainState,
+                    mesh: Mesh) -> TrainState:
   """NamedShardings for every leaf of the train state, from the config's logical-axis rules."""
   rules = config.logical_axis_rules
-  p_axes, t_axes = functional.model_def(config.model).logical_axes()
+  p_axes, t_axes = mdef.logical_axes()
   p_sh = sharding.tree_shardings(abstract.params, p_axes, rules, mesh)
   t_sh = sharding.tree_shardings(abstract.tables, t_axes, rules, mesh)
   replicated = NamedSharding(mesh, P())
