@@ -19,15 +19,10 @@ from unimage_jax.layout import TokenMeta
 
 
 def visibility(q_meta: TokenMeta, k_meta: TokenMeta) -> jax.Array:
-  """Boolean ``[..., Lq, Lk]`` visibility from per-token metadata (``[..., Lq]``, ``[..., Lk]``)."""
-  qs, qg, qk, qo = (x[..., :, None] for x in q_meta)
-  ks, kg, kk, ko = (x[..., None, :] for x in k_meta)
-  k_full = (kk == layout.KIND_VIT) | (kk == layout.KIND_CLEAN) | (kk == layout.KIND_NOISE)
-  same_segment = qg == kg
-  allowed = (qk != layout.KIND_PAD) & (kk != layout.KIND_PAD) & (qs == ks)
-  allowed &= (ko <= qo) | (same_segment & k_full)
-  allowed &= ~((kk == layout.KIND_NOISE) & ~same_segment)
-  return allowed
+  """Boolean ``[..., Lq, Lk]`` visibility (:func:`layout.visible`) from per-token metadata
+  (``[..., Lq]``, ``[..., Lk]``)."""
+  return layout.visible(TokenMeta(*(x[..., :, None] for x in q_meta)),
+                        TokenMeta(*(x[..., None, :] for x in k_meta)))
 
 
 def _masked_scores(q, k, q_meta: TokenMeta, k_meta: TokenMeta, scale: float):

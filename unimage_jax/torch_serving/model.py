@@ -19,21 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Segment kinds of the packed-row contract (unimage_jax.layout; duplicated to keep JAX out).
-KIND_PAD, KIND_TEXT, KIND_VIT, KIND_CLEAN, KIND_NOISE = 0, 1, 2, 3, 4
+# The packed-row contract (kinds, the visibility rule); layout imports numpy only: no JAX here.
+from unimage_jax.layout import KIND_PAD, KIND_VIT, TokenMeta, visible
+
 X0_MIN_T = 0.05  # x0-prediction clip of t (unimage_jax.model.unimage.X0_MIN_T)
 
 
-def visibility(sample_ids, segment_ids, kinds, orders) -> torch.Tensor:
-  """Boolean ``[B, L, L]`` mask of docs/ARCHITECTURE.md §3 from per-token ``[B, L]`` metadata."""
-  qs, qg, qk, qo = (x[:, :, None] for x in (sample_ids, segment_ids, kinds, orders))
-  ks, kg, kk, ko = (x[:, None, :] for x in (sample_ids, segment_ids, kinds, orders))
-  k_full = (kk == KIND_VIT) | (kk == KIND_CLEAN) | (kk == KIND_NOISE)
-  same_segment = qg == kg
-  allowed = (qk != KIND_PAD) & (kk != KIND_PAD) & (qs == ks)
-  allowed &= (ko <= qo) | (same_segment & k_full)
-  allowed &= ~((kk == KIND_NOISE) & ~same_segment)
-  return allowed
+def visibility(sample_ids, segment_ids, kinds, orders, queries: slice = slice(None)) -> torch.Tensor:
+  """Boolean ``[B, Lq, L]`` mask of docs/ARCHITECTURE.md §3 (``layout.visible``) from per-token
+  ``[B, L]`` metadata, for the queries ``queries`` (all by default) against every key."""
+  meta = (sample_ids, segment_ids, kinds, orders)
+  return visible(TokenMeta(*(x[:, queries, None] for x in meta)), TokenMeta(*(x[:, None, :] for x in meta)))
 
 
 def meta_attention(q, k, v, meta: tuple[torch.Tensor, ...], query_chunk: int | None = None) -> torch.Tensor:
@@ -48,13 +44,7 @@ def meta_attention(q, k, v, meta: tuple[torch.Tensor, ...], query_chunk: int | N
   outs = []
   for start in range(0, length, query_chunk):
     sl = slice(start, start + query_chunk)
-    qs, qg, qk, qo = (x[:, sl, None] for x in meta)
-    ks, kg, kk, ko = (x[:, None, :] for x in meta)
-    k_full = (kk == KIND_VIT) | (kk == KIND_CLEAN) | (kk == KIND_NOISE)
-    same = qg == kg
-    mask = (qk != KIND_PAD) & (kk != KIND_PAD) & (qs == ks) & ((ko <= qo) | (same & k_full))
-    mask &= ~((kk == KIND_NOISE) & ~same)
-    outs.append(masked_attention(q[:, sl], k, v, mask))
+    outs.append(masked_attention(q[:, sl], k, v, visibility(*meta, queries=sl)))
   return torch.cat(outs, dim=1)
 
 
