@@ -25,6 +25,17 @@ def visibility(q_meta: TokenMeta, k_meta: TokenMeta) -> jax.Array:
                         TokenMeta(*(x[..., None, :] for x in k_meta)))
 
 
+def checked_defaults(q: jax.Array, k: jax.Array, q_meta: TokenMeta, k_meta: TokenMeta | None,
+                     scale: float | None) -> tuple[TokenMeta, float]:
+  """What every implementation makes of its arguments (q ``[B, Lq, Hq, D]``, k ``[B, Lk, Hkv, D]``):
+  GQA needs ``Hq`` to be a multiple of ``Hkv``; keys default to the queries' metadata
+  (self-attention) and the scale to ``D**-0.5``. Returns (key metadata, scale)."""
+  hq, d, hkv = q.shape[2], q.shape[3], k.shape[2]
+  if hq % hkv:
+    raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+  return (q_meta if k_meta is None else k_meta), (d**-0.5 if scale is None else float(scale))
+
+
 def _masked_scores(q, k, q_meta: TokenMeta, k_meta: TokenMeta, scale: float):
   """q [B, c, Hkv, G, D], k [B, Lk, Hkv, D] -> fp32 scores [B, Hkv, G, c, Lk], -inf where hidden."""
   scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
@@ -131,12 +142,9 @@ def reference_attention(
   tile's probabilities from the saved logsumexp), so neither pass keeps more than one
   ``[B, H, query_chunk, Lk]`` tile alive.
   """
-  k_meta = q_meta if k_meta is None else k_meta
+  k_meta, scale = checked_defaults(q, k, q_meta, k_meta, scale)
   b, lq, hq, d = q.shape
   hkv = k.shape[2]
-  if hq % hkv:
-    raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
-  scale = d**-0.5 if scale is None else float(scale)
   chunk = min(lq, query_chunk)
   n_chunks = -(-lq // chunk)
   pad = n_chunks * chunk - lq
