@@ -190,10 +190,13 @@ class SiglipAttention(nn.Module):
     return self.out_proj(out.flatten(2))
 
 
-class SiglipMLP(nn.Module):
-  def __init__(self, e: int, mlp: int):
+class GeluMLP(nn.Module):
+  """``fc2(gelu_tanh(fc1(x)))``: SigLIP's MLP (``e -> mlp -> e``) and the ViT-to-LLM connector
+  (``vit_hidden -> hidden -> hidden``)."""
+
+  def __init__(self, d_in: int, d_hidden: int, d_out: int):
     super().__init__()
-    self.fc1, self.fc2 = nn.Linear(e, mlp), nn.Linear(mlp, e)
+    self.fc1, self.fc2 = nn.Linear(d_in, d_hidden), nn.Linear(d_hidden, d_out)
 
   def forward(self, x):
     return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -206,7 +209,7 @@ class SiglipLayer(nn.Module):
     self.layer_norm1 = nn.LayerNorm(e, eps=eps)
     self.self_attn = SiglipAttention(e, c["num_attention_heads"])
     self.layer_norm2 = nn.LayerNorm(e, eps=eps)
-    self.mlp = SiglipMLP(e, c["intermediate_size"])
+    self.mlp = GeluMLP(e, c["intermediate_size"], e)
 
   def forward(self, x, mask):
     x = x + self.self_attn(self.layer_norm1(x), mask)
@@ -269,15 +272,6 @@ class _TimestepEmbedder(nn.Module):
     return self.mlp(timestep_sinusoid(t).to(self.mlp[0].weight.dtype))
 
 
-class _Connector(nn.Module):
-  def __init__(self, vit_hidden: int, hidden: int):
-    super().__init__()
-    self.fc1, self.fc2 = nn.Linear(vit_hidden, hidden), nn.Linear(hidden, hidden)
-
-  def forward(self, x):
-    return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class UniMAGETorch(nn.Module):
   """The MoT director for serving: ``forward(batch) -> (text logits [B, Lu, V], velocity [B, Lg, Dl])``.
 
@@ -300,7 +294,7 @@ class UniMAGETorch(nn.Module):
     self.vit_model = self.connector = self.vit_pos_embed = None
     if vit_config is not None:
       self.vit_model = _VitModel(vit_config)
-      self.connector = _Connector(vit_config["hidden_size"], e)
+      self.connector = GeluMLP(vit_config["hidden_size"], e, e)
       self.vit_pos_embed = _PosEmbed(vae_config["vit_max_num_patch_per_side"] ** 2, e)
 
   def embed_und(self, batch) -> torch.Tensor:
