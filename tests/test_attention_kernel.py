@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from unimage_jax.attention import attention, layouts, reference_attention
+from unimage_jax.attention import attention, reference_attention
 from unimage_jax.attention.dispatch import resolve_impl
 from unimage_jax.layout import TokenMeta
+from unimage_jax.testing import layouts
 
 B, LU, LG, D = 2, 60, 40, 16  # L = 100
 TOL = 2e-5
@@ -148,10 +149,11 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
-from unimage_jax.attention import layouts, pallas_tpu, reference_attention
+from unimage_jax.attention import pallas_tpu, reference_attention
 from unimage_jax.attention.sharded import sharded_attention
 pallas_tpu.DEFAULT_PIPELINE = "grid"  # the TPU interpreter's DMA simulation is slow on 8 devices
 from unimage_jax.layout import TokenMeta
+from unimage_jax.testing import layouts
 mesh = Mesh(np.array(jax.devices()).reshape(2, 1, 4), ("data", "fsdp", "tensor"))
 rng = np.random.default_rng(0)
 meta = TokenMeta(*(jnp.asarray(x) for x in layouts.random_batch_meta(rng, 4, 40, 24)))

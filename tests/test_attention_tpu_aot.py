@@ -3,7 +3,8 @@ inside a sharded (shard_map) fwd+bwd step. Needs libtpu (the ``tpu`` extra)."""
 
 import pytest
 
-from unimage_jax.attention import aot, pallas_tpu
+from unimage_jax.attention import pallas_tpu
+from unimage_jax.testing import attention_aot as aot
 
 _OK, _WHY = aot.libtpu_available()
 pytestmark = pytest.mark.skipif(not _OK, reason=_WHY)

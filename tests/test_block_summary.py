@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from unimage_jax.attention import block_summary as bs
-from unimage_jax.attention import layouts
+from unimage_jax.testing import layouts
 from unimage_jax.attention.reference import visibility
 from unimage_jax.layout import TokenMeta
 

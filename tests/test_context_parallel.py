@@ -122,8 +122,8 @@ def test_sequence_split_rows_give_the_unsplit_loss_and_grads(model_inputs, unspl
 def attention_case():
   """One shuffled-slot attention problem on 4 sequence shards and its whole-row reference."""
   from jax.sharding import Mesh
-  from unimage_jax.attention import layouts
-  from unimage_jax.attention.aot import CP_AXES
+  from unimage_jax.testing import layouts
+  from unimage_jax.testing.attention_aot import CP_AXES
   from unimage_jax.attention.reference import reference_attention
   mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(1, 1, 4, 1), CP_AXES)
   rng = np.random.default_rng(0)

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimage_jax import layout, losses, slot_layout, synthetic
-from unimage_jax.attention import layouts, load_balance
+from unimage_jax.attention import load_balance
 from unimage_jax.attention.reference import visibility
 from unimage_jax.model import functional, row_shards
+from unimage_jax.testing import layouts
 
 
 def test_visible_keys_match_the_dense_mask():

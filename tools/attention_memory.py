@@ -20,7 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import flags  # noqa: E402
 
-from unimage_jax.attention import aot  # noqa: E402
+from unimage_jax.testing import attention_aot as aot  # noqa: E402
 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name for get_topology_desc")
 _LENGTHS = flags.DEFINE_list("lengths", ["8192", "16384", "32768"], "sequence lengths")

@@ -40,7 +40,7 @@ _SCALING = flags.DEFINE_bool("scaling", True, "skip mode: also time the work-sca
 
 def _storyworld(length):
   """StoryWorld-like row; rows too short for a full story get miniature stories (smoke runs)."""
-  from unimage_jax.attention import layouts
+  from unimage_jax.testing import layouts
   try:
     return layouts.storyworld_row_meta(length)
   except ValueError:

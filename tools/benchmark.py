@@ -88,7 +88,7 @@ def bench_train(config) -> list[str]:
 def bench_attention(config) -> list[str]:
   from unimage_jax.attention import attention, reference_attention
   from unimage_jax.attention.dispatch import resolve_impl
-  from unimage_jax.attention.layouts import storyworld_row_meta
+  from unimage_jax.testing.layouts import storyworld_row_meta
   from unimage_jax.layout import TokenMeta
   m = config.model
   length = _ATTN_LEN.value

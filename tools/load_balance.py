@@ -29,8 +29,9 @@ ROWS = [
 def measure(shots, side, und_len, gen_len, shards, block):
   import numpy as np
   from unimage_jax import layout, slot_layout
-  from unimage_jax.attention import layouts, load_balance
+  from unimage_jax.attention import load_balance
   from unimage_jax.model import row_shards
+  from unimage_jax.testing import layouts
   story = layouts.storyworld_sample(shots=shots, prompt=300 if shots >= 12 else 120, script=100, side=side)
   su, sg, _, _ = layout.sample_lengths(story)
   n = min(und_len // su, gen_len // sg)

@@ -14,7 +14,7 @@ query may see is decided by four int32 metadata arrays per token, never by buffe
 * ``segment_kinds`` one of the ``KIND_*`` constants below
 * ``orders``       the token's index in the row's logical order (sample after sample)
 
-Visibility (docs/ARCHITECTURE.md §3, "generalized causal attention")::
+Visibility (docs/ARCHITECTURE.md §3, "generalized causal attention"; :func:`visible`)::
 
     allowed(q, k) = q, k not padding AND same sample
                     AND (order[k] <= order[q] OR (same segment AND kind[k] is full/noise))
@@ -54,6 +54,39 @@ class TokenMeta(NamedTuple):
   segment_ids: np.ndarray
   segment_kinds: np.ndarray
   orders: np.ndarray
+
+
+def is_full_kind(kinds):
+  """Whether each kind is one of ``FULL_KINDS`` (its tokens see their whole segment), elementwise
+  on numpy, jax or torch integer arrays."""
+  full = kinds == FULL_KINDS[0]
+  for kind in FULL_KINDS[1:]:
+    full = full | (kinds == kind)
+  return full
+
+
+def visibility_rule(same_sample, same_segment, key_not_later, key_full, key_open):
+  """The visibility rule above on boolean pair predicates: the one place where it is written (the
+  NOISE exclusion is folded into the causal term: a noise key is seen in its own segment only).
+
+  ``same_sample``: neither token is padding and both belong to one sample; ``same_segment``;
+  ``key_not_later``: ``order[k] <= order[q]``; ``key_full``: the key's kind is full
+  (:func:`is_full_kind`); ``key_open``: the key may be seen from outside its segment (its kind is
+  not NOISE). Plain ``&`` and ``|`` only, so the rule runs on numpy, jax (the reference and the
+  Pallas kernels' tiles) and torch (``torch_serving``) booleans alike, and it is monotone in every
+  predicate: bounds of the predicates over a block of pairs bound the rule over the block
+  (``attention/block_summary.py``).
+  """
+  return same_sample & ((key_not_later & (same_segment | key_open)) | (same_segment & key_full))
+
+
+def visible(q: TokenMeta, k: TokenMeta):
+  """Which (query, key) pairs may attend: :func:`visibility_rule` from metadata whose query and
+  key fields broadcast against each other (e.g. ``[..., Lq, 1]`` and ``[..., 1, Lk]``)."""
+  same_sample = ((q.segment_kinds != KIND_PAD) & (k.segment_kinds != KIND_PAD)
+                 & (q.sample_ids == k.sample_ids))
+  return visibility_rule(same_sample, q.segment_ids == k.segment_ids, k.orders <= q.orders,
+                         is_full_kind(k.segment_kinds), k.segment_kinds != KIND_NOISE)
 
 
 @dataclasses.dataclass(frozen=True)

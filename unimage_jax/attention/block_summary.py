@@ -84,8 +84,7 @@ def summarize(meta: TokenMeta, block: int) -> BlockSummary:
   """Block statistics of ``meta`` (fields ``[B, L]``, ``L`` a multiple of ``block``)."""
   s, g, kind, o = (_blocked(jnp.asarray(x, jnp.int32), block) for x in meta)
   valid = kind != layout.KIND_PAD
-  full = valid & ((kind == layout.KIND_VIT) | (kind == layout.KIND_CLEAN)
-                  | (kind == layout.KIND_NOISE))
+  full = valid & layout.is_full_kind(kind)
   noise = valid & (kind == layout.KIND_NOISE)
 
   def vmin(x, m=valid):
@@ -113,26 +112,27 @@ def summarize(meta: TokenMeta, block: int) -> BlockSummary:
 def classify(qs: BlockSummary, ks: BlockSummary) -> jax.Array:
   """Tile classes ``int32 [B, nq, nk]`` (EMPTY / PARTIAL / FULL) from the two summaries.
 
-  A visible pair needs: both valid, the same sample, and either a causal key (not noise,
-  order[k] <= order[q]) or a key of a full kind in the query's own segment.
+  :func:`layout.visibility_rule` is monotone in each of its pair predicates, so it is evaluated
+  twice on bounds of them over the tile: with what *some* pair may satisfy (the tile may hold a
+  visible pair, else EMPTY) and with what *every* pair must satisfy (all pairs are visible: FULL).
   """
   q = jax.tree.map(lambda x: x[:, :, None], qs)
   k = jax.tree.map(lambda x: x[:, None, :], ks)
   samples_meet = (q.sample_min <= k.sample_max) & (k.sample_min <= q.sample_max)
   segments_meet = (q.segment_min <= k.segment_max) & (k.segment_min <= q.segment_max)
-  causal_possible = k.order_min_causal <= q.order_max
-  full_possible = segments_meet & k.any_full
-  any_visible = (q.any_valid & k.any_valid & samples_meet
-                 & (causal_possible | full_possible))
+  # Noise keys are left out of the causal bound (order_min_causal): they count as open keys
+  # that are never before a query, and stay visible through their segment (noise is full).
+  any_visible = layout.visibility_rule(
+      same_sample=q.any_valid & k.any_valid & samples_meet, same_segment=segments_meet,
+      key_not_later=k.order_min_causal <= q.order_max, key_full=k.any_full, key_open=True)
 
   one_sample = ((q.sample_min == q.sample_max) & (k.sample_min == k.sample_max)
                 & (q.sample_min == k.sample_min))
-  # every key is before every query and none is noise: all pairs causal-visible
-  all_causal = ~k.any_noise & (k.order_max <= q.order_min)
-  # a single full-kind segment on both sides: all pairs visible by the segment rule
   one_segment = ((q.segment_min == q.segment_max) & (k.segment_min == k.segment_max)
-                 & (q.segment_min == k.segment_min) & k.all_full)
-  all_visible = q.all_valid & k.all_valid & one_sample & (all_causal | one_segment)
+                 & (q.segment_min == k.segment_min))
+  all_visible = layout.visibility_rule(
+      same_sample=q.all_valid & k.all_valid & one_sample, same_segment=one_segment,
+      key_not_later=k.order_max <= q.order_min, key_full=k.all_full, key_open=~k.any_noise)
   return jnp.where(any_visible, jnp.where(all_visible, FULL, PARTIAL), EMPTY).astype(jnp.int32)
 
 

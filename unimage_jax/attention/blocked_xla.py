@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from unimage_jax.attention import block_summary
-from unimage_jax.attention.reference import visibility
+from unimage_jax.attention.reference import checked_defaults, visibility
 from unimage_jax.layout import TokenMeta
 
 DEFAULT_BLOCK = 128
@@ -161,12 +161,9 @@ def blocked_attention(
     block_k: int = DEFAULT_BLOCK,
 ) -> jax.Array:  # [B, Lq, Hq, D], dtype of q
   """The MoT generalized-causal attention, flash-style with EMPTY tiles skipped (any backend)."""
-  k_meta = q_meta if k_meta is None else k_meta
+  k_meta, scale = checked_defaults(q, k, q_meta, k_meta, scale)
   b, lq, hq, d = q.shape
   hkv = k.shape[2]
-  if hq % hkv:
-    raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
-  scale = d**-0.5 if scale is None else float(scale)
   block_q, block_k = min(block_q, lq), min(block_k, k.shape[1])
   qg = q.reshape(b, lq, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, Lq, D]
   kt, vt = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, Hkv, Lk, D]

@@ -19,15 +19,21 @@ from unimage_jax.layout import TokenMeta
 
 
 def visibility(q_meta: TokenMeta, k_meta: TokenMeta) -> jax.Array:
-  """Boolean ``[..., Lq, Lk]`` visibility from per-token metadata (``[..., Lq]``, ``[..., Lk]``)."""
-  qs, qg, qk, qo = (x[..., :, None] for x in q_meta)
-  ks, kg, kk, ko = (x[..., None, :] for x in k_meta)
-  k_full = (kk == layout.KIND_VIT) | (kk == layout.KIND_CLEAN) | (kk == layout.KIND_NOISE)
-  same_segment = qg == kg
-  allowed = (qk != layout.KIND_PAD) & (kk != layout.KIND_PAD) & (qs == ks)
-  allowed &= (ko <= qo) | (same_segment & k_full)
-  allowed &= ~((kk == layout.KIND_NOISE) & ~same_segment)
-  return allowed
+  """Boolean ``[..., Lq, Lk]`` visibility (:func:`layout.visible`) from per-token metadata
+  (``[..., Lq]``, ``[..., Lk]``)."""
+  return layout.visible(TokenMeta(*(x[..., :, None] for x in q_meta)),
+                        TokenMeta(*(x[..., None, :] for x in k_meta)))
+
+
+def checked_defaults(q: jax.Array, k: jax.Array, q_meta: TokenMeta, k_meta: TokenMeta | None,
+                     scale: float | None) -> tuple[TokenMeta, float]:
+  """What every implementation makes of its arguments (q ``[B, Lq, Hq, D]``, k ``[B, Lk, Hkv, D]``):
+  GQA needs ``Hq`` to be a multiple of ``Hkv``; keys default to the queries' metadata
+  (self-attention) and the scale to ``D**-0.5``. Returns (key metadata, scale)."""
+  hq, d, hkv = q.shape[2], q.shape[3], k.shape[2]
+  if hq % hkv:
+    raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+  return (q_meta if k_meta is None else k_meta), (d**-0.5 if scale is None else float(scale))
 
 
 def _masked_scores(q, k, q_meta: TokenMeta, k_meta: TokenMeta, scale: float):
@@ -136,12 +142,9 @@ def reference_attention(
   tile's probabilities from the saved logsumexp), so neither pass keeps more than one
   ``[B, H, query_chunk, Lk]`` tile alive.
   """
-  k_meta = q_meta if k_meta is None else k_meta
+  k_meta, scale = checked_defaults(q, k, q_meta, k_meta, scale)
   b, lq, hq, d = q.shape
   hkv = k.shape[2]
-  if hq % hkv:
-    raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
-  scale = d**-0.5 if scale is None else float(scale)
   chunk = min(lq, query_chunk)
   n_chunks = -(-lq // chunk)
   pad = n_chunks * chunk - lq

@@ -19,21 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Segment kinds of the packed-row contract (unimage_jax.layout; duplicated to keep JAX out).
-KIND_PAD, KIND_TEXT, KIND_VIT, KIND_CLEAN, KIND_NOISE = 0, 1, 2, 3, 4
+# The packed-row contract (kinds, the visibility rule); layout imports numpy only: no JAX here.
+from unimage_jax.layout import KIND_PAD, KIND_VIT, TokenMeta, visible
+
 X0_MIN_T = 0.05  # x0-prediction clip of t (unimage_jax.model.unimage.X0_MIN_T)
 
 
-def visibility(sample_ids, segment_ids, kinds, orders) -> torch.Tensor:
-  """Boolean ``[B, L, L]`` mask of docs/ARCHITECTURE.md §3 from per-token ``[B, L]`` metadata."""
-  qs, qg, qk, qo = (x[:, :, None] for x in (sample_ids, segment_ids, kinds, orders))
-  ks, kg, kk, ko = (x[:, None, :] for x in (sample_ids, segment_ids, kinds, orders))
-  k_full = (kk == KIND_VIT) | (kk == KIND_CLEAN) | (kk == KIND_NOISE)
-  same_segment = qg == kg
-  allowed = (qk != KIND_PAD) & (kk != KIND_PAD) & (qs == ks)
-  allowed &= (ko <= qo) | (same_segment & k_full)
-  allowed &= ~((kk == KIND_NOISE) & ~same_segment)
-  return allowed
+def visibility(sample_ids, segment_ids, kinds, orders, queries: slice = slice(None)) -> torch.Tensor:
+  """Boolean ``[B, Lq, L]`` mask of docs/ARCHITECTURE.md §3 (``layout.visible``) from per-token
+  ``[B, L]`` metadata, for the queries ``queries`` (all by default) against every key."""
+  meta = (sample_ids, segment_ids, kinds, orders)
+  return visible(TokenMeta(*(x[:, queries, None] for x in meta)), TokenMeta(*(x[:, None, :] for x in meta)))
 
 
 def meta_attention(q, k, v, meta: tuple[torch.Tensor, ...], query_chunk: int | None = None) -> torch.Tensor:
@@ -48,13 +44,7 @@ def meta_attention(q, k, v, meta: tuple[torch.Tensor, ...], query_chunk: int | N
   outs = []
   for start in range(0, length, query_chunk):
     sl = slice(start, start + query_chunk)
-    qs, qg, qk, qo = (x[:, sl, None] for x in meta)
-    ks, kg, kk, ko = (x[:, None, :] for x in meta)
-    k_full = (kk == KIND_VIT) | (kk == KIND_CLEAN) | (kk == KIND_NOISE)
-    same = qg == kg
-    mask = (qk != KIND_PAD) & (kk != KIND_PAD) & (qs == ks) & ((ko <= qo) | (same & k_full))
-    mask &= ~((kk == KIND_NOISE) & ~same)
-    outs.append(masked_attention(q[:, sl], k, v, mask))
+    outs.append(masked_attention(q[:, sl], k, v, visibility(*meta, queries=sl)))
   return torch.cat(outs, dim=1)
 
 
@@ -200,10 +190,13 @@ class SiglipAttention(nn.Module):
     return self.out_proj(out.flatten(2))
 
 
-class SiglipMLP(nn.Module):
-  def __init__(self, e: int, mlp: int):
+class GeluMLP(nn.Module):
+  """``fc2(gelu_tanh(fc1(x)))``: SigLIP's MLP (``e -> mlp -> e``) and the ViT-to-LLM connector
+  (``vit_hidden -> hidden -> hidden``)."""
+
+  def __init__(self, d_in: int, d_hidden: int, d_out: int):
     super().__init__()
-    self.fc1, self.fc2 = nn.Linear(e, mlp), nn.Linear(mlp, e)
+    self.fc1, self.fc2 = nn.Linear(d_in, d_hidden), nn.Linear(d_hidden, d_out)
 
   def forward(self, x):
     return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -216,7 +209,7 @@ class SiglipLayer(nn.Module):
     self.layer_norm1 = nn.LayerNorm(e, eps=eps)
     self.self_attn = SiglipAttention(e, c["num_attention_heads"])
     self.layer_norm2 = nn.LayerNorm(e, eps=eps)
-    self.mlp = SiglipMLP(e, c["intermediate_size"])
+    self.mlp = GeluMLP(e, c["intermediate_size"], e)
 
   def forward(self, x, mask):
     x = x + self.self_attn(self.layer_norm1(x), mask)
@@ -279,15 +272,6 @@ class _TimestepEmbedder(nn.Module):
     return self.mlp(timestep_sinusoid(t).to(self.mlp[0].weight.dtype))
 
 
-class _Connector(nn.Module):
-  def __init__(self, vit_hidden: int, hidden: int):
-    super().__init__()
-    self.fc1, self.fc2 = nn.Linear(vit_hidden, hidden), nn.Linear(hidden, hidden)
-
-  def forward(self, x):
-    return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class UniMAGETorch(nn.Module):
   """The MoT director for serving: ``forward(batch) -> (text logits [B, Lu, V], velocity [B, Lg, Dl])``.
 
@@ -310,7 +294,7 @@ class UniMAGETorch(nn.Module):
     self.vit_model = self.connector = self.vit_pos_embed = None
     if vit_config is not None:
       self.vit_model = _VitModel(vit_config)
-      self.connector = _Connector(vit_config["hidden_size"], e)
+      self.connector = GeluMLP(vit_config["hidden_size"], e, e)
       self.vit_pos_embed = _PosEmbed(vae_config["vit_max_num_patch_per_side"] ** 2, e)
 
   def embed_und(self, batch) -> torch.Tensor:

@@ -1,16 +1,15 @@
 """Ahead-of-time TPU compilation of the attention step on a CPU host (libtpu, no TPU needed).
 
 Used by ``tests/test_attention_tpu_aot.py`` and ``tools/attention_memory.py``: builds a mesh over
-the devices of a TPU topology description (``jax.experimental.topologies``), and lowers and
-compiles ``value_and_grad(sum(attention(q, k, v, meta)))`` through the shard_map wrapper, with
-the batch and head shardings of the default ``logical_axis_rules`` (batch over ("data", "fsdp"),
-heads over "tensor").
+the devices of a TPU topology description (``topology_devices`` of ``unimage_jax/aot.py``), and
+lowers and compiles ``value_and_grad(sum(attention(q, k, v, meta)))`` through the shard_map
+wrapper, with the batch and head shardings of the default ``logical_axis_rules`` (batch over
+("data", "fsdp"), heads over "tensor").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -34,14 +33,8 @@ def libtpu_available() -> tuple[bool, str]:
 def topology_mesh(topology: str = "v5e:2x2", shape=None,
                   axes=("data", "fsdp", "tensor")) -> Mesh:
   """A Mesh over the devices of a TPU topology description (no TPU attached)."""
-  # libtpu wants these on a host that is not a TPU VM; harmless for AOT compilation. No TPU is
-  # driven here, so the multi-process lockfile (/tmp/libtpu_lockfile) must not serialise
-  # concurrent compile-only processes (tests, tools, other users of the host).
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
-  topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-  devices = np.array(topo.devices)
+  from unimage_jax.aot import topology_devices  # the trainer's planner: heavy imports
+  devices = np.array(topology_devices(topology))
   shape = shape or (devices.size, 1, 1)
   return Mesh(devices.reshape(shape), axes)
 
