@@ -100,7 +100,7 @@ def write_cache(directory: str, source, encode: Callable[[np.ndarray], np.ndarra
   from array_record.python.array_record_module import ArrayRecordWriter
 
   from data_pipelines.builders import decode_record
-  from data_pipelines.sequence_plan import resize
+  from unimage_jax.images import resize
 
   manifest = read_manifest(directory)
   if manifest is not None:

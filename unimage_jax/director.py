@@ -31,11 +31,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from data_pipelines.sequence_plan import encode_lines, resize, vit_patches
-from unimage_jax import layout, pixel_codec, script_schema
+from unimage_jax import layout, pixel_codec, prompt_layout, script_schema
 from unimage_jax.config_base import base_config
 from unimage_jax.config_validation import ConfigError, validate_inference
 from unimage_jax.errors import UserError
+from unimage_jax.images import resize, vit_patches
 from unimage_jax.inference import chunks, flow, schema_constraints
 from unimage_jax.inference.engine import Engine, SamplingParams
 from unimage_jax.inference.kv_cache import CacheFullError
@@ -141,12 +141,11 @@ class Director:
       return "disentangled" if float(t.get("keyframe", 0)) > 0 and float(t.get("script", 0)) > 0 else "interleaved"
     return mode
 
-  def _text(self, lines: Sequence[str], close: bool = True, open_: bool = True) -> layout.TextSegment:
-    ids = ([self.tok.im_start] if open_ else []) + encode_lines(self.tok, lines) + ([self.tok.im_end] if close else [])
-    return layout.TextSegment(np.asarray(ids, np.int32), train=False)
+  def _text(self, lines: Sequence[str], close: bool = True) -> layout.TextSegment:
+    return prompt_layout.text_segment(self.tok, prompt_layout.encode_lines(self.tok, lines), train=False, close=close)
 
   def _image_segment(self, tokens: np.ndarray, noised: bool) -> layout.ImageSegment:
-    return layout.ImageSegment(tokens, self.grid, self.grid, noised, self.tok.vision_start, self.tok.vision_end)
+    return prompt_layout.image_segment(self.tok, tokens, self.grid, self.grid, noised)
 
   def _encode(self, image: np.ndarray) -> np.ndarray:
     """uint8 image -> latent tokens ``[grid*grid, D]`` (the VAE encoder, or the pixel codec)."""
@@ -169,7 +168,7 @@ class Director:
     segs = []
     if self.use_vit:
       patches, h, w = vit_patches(resize(image, self.image_size), self.config.model.vit.patch_size)
-      segs.append(layout.VitSegment(patches, h, w, self.tok.vision_start, self.tok.vision_end))
+      segs.append(prompt_layout.vit_segment(self.tok, patches, h, w))
     tokens = self._encode(image) if latents is None else latents
     return segs + [self._image_segment(tokens, False)]
 
@@ -257,7 +256,7 @@ class Director:
     """Disentangled: the whole script in one text segment after the (pre-)context segment."""
     cache = self._prefill_references(self.engine.new_cache(1, int(self.inf.cache_capacity)), references, 1)
     if context is None:
-      ctx_lines = [f"<Prompt>: {prompt}"]
+      ctx_lines = [script_schema.prompt_line(prompt)]
     else:
       ctx = dataclasses.replace(context, prompt=prompt)
       ctx_lines = script_schema.render(ctx).splitlines()
@@ -295,17 +294,17 @@ class Director:
     """Interleaved layout, teacher-forced: the script's own lines between the keyframes."""
     cache = self._prefill_references(self.engine.new_cache(1, int(self.inf.cache_capacity)), references, 1)
     n = len(script.shots)
-    tail = lambda k: [script_schema.video_line(script, k)] + ([script_schema.frame_line(script, k + 1)] if k < n else [])
-    cache, _ = self.engine.prefill(cache, [[self._text(script_schema.header_lines(script) + [script_schema.frame_line(script, 1)])]])
+    tail = lambda k: self._text(prompt_layout.tail_lines(script, k))
+    cache, _ = self.engine.prefill(cache, [[self._text(prompt_layout.first_text_lines(script))]])
     images = list(earlier)
     for k, img in enumerate(earlier, start=1):
-      cache, _ = self.engine.prefill(cache, [[self._image_segment(self._encode(img), False), self._text(tail(k))]])
+      cache, _ = self.engine.prefill(cache, [[self._image_segment(self._encode(img), False), tail(k)]])
     for k in range(len(earlier) + 1, n + 1):
       rng, key = jax.random.split(rng)
       latents = self._sample_keyframe(cache, key, 1)
       images.append(self._decode(latents))
       if k < n:
-        cache, _ = self.engine.prefill(cache, [[self._image_segment(latents, False), self._text(tail(k))]])
+        cache, _ = self.engine.prefill(cache, [[self._image_segment(latents, False), tail(k)]])
     return images
 
   def draw_keyframes(self, script: Script, *, seed: int = 0, mode: str | None = None,
@@ -332,18 +331,15 @@ class Director:
     cache = self._prefill_references(self.engine.new_cache(1, cap), references, 1)
     images: list[np.ndarray] = []
     if context is None:
-      text = f"<Prompt>: {prompt}\n"
+      text = script_schema.prompt_line(prompt) + "\n"
       cache, logits = self.engine.prefill(cache, [[self._text([text.strip()], close=False)]])
     else:  # replay the existing story as context, then continue after its last video line
       old = dataclasses.replace(context.script, prompt=prompt)
-      lines = script_schema.header_lines(old) + [script_schema.frame_line(old, 1)]
-      cache, _ = self.engine.prefill(cache, [[self._text(lines)]])
+      cache, _ = self.engine.prefill(cache, [[self._text(prompt_layout.first_text_lines(old))]])
       for k, img in enumerate(context.keyframes, start=1):
-        tail = [script_schema.video_line(old, k)]
         clean = self._image_segment(self._encode(img), False)
         last = k == len(context.keyframes)
-        if not last:
-          tail.append(script_schema.frame_line(old, k + 1))
+        tail = prompt_layout.tail_lines(old, k)[:1 if last else None]  # the last: its video line, still open
         cache, logits = self.engine.prefill(cache, [[clean, self._text(tail, close=not last)]])
         images.append(img)
       text = script_schema.render(old)
@@ -370,7 +366,7 @@ class Director:
       # token in every tokenizer, as in a training row), as it writes the image markers; the model
       # writes the rest of the line
       tag = f"<Video{k}>"
-      opened = layout.TextSegment(np.asarray([self.tok.im_start] + self.tok.encode(tag), np.int32), train=False)
+      opened = prompt_layout.text_segment(self.tok, self.tok.encode(tag), train=False, close=False)
       cache, logits = self.engine.prefill(cache, [[self._image_segment(latents, False), opened]])
       text += tag
     return text, images
@@ -390,7 +386,7 @@ class Director:
     references = self._checked_references(references)
     prompt = prompt.strip()
     mode = self._mode(mode)
-    prompt_tokens = len(self.tok.encode(f"<Prompt>: {prompt}")) + 2 + len(references) * self._context_slots()
+    prompt_tokens = len(self.tok.encode(script_schema.prompt_line(prompt))) + 2 + len(references) * self._context_slots()
     if prompt_tokens + self.grid * self.grid + 2 + 16 > int(self.inf.cache_capacity):
       raise DirectorError(f"the prompt is {prompt_tokens} tokens, too long for config.inference.cache_capacity="
                           f"{self.inf.cache_capacity} (which must also hold the script and a {self.grid * self.grid + 2}"
