@@ -220,10 +220,7 @@ class WithLatents:
 def load_checked_vae(config):
   """The config's VAE, checked against the model's latent space (errors name the fields)."""
   from unimage_jax.vae import store
-
-  vae = store.load_vae(config.model.vae_path)
-  store.check_matches(vae.config, config.model, config.data.image_size)
-  return vae
+  return store.load_for_config(config)
 
 
 def expected_for(config, vae, num_records: int) -> Expected:

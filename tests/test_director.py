@@ -72,10 +72,10 @@ def test_keyframes_for_a_script_with_guidance_rows(director):
   script = record["script"]
   n = min(3, len(script.shots))
   script = script_schema.Script(script.prompt, script.characters, script.environments, script.shots[:n])
-  images = director._draw_disentangled(script, jax.random.key(0), [])
+  images = director.keyframes.draw_disentangled(script, jax.random.key(0), [])
   assert len(images) == n and all(im.shape == (32, 32, 3) and im.dtype == np.uint8 for im in images)
   # continuation: earlier keyframes are context, only the new shots are drawn
-  more = director._draw_disentangled(script, jax.random.key(1), images[:1])
+  more = director.keyframes.draw_disentangled(script, jax.random.key(1), images[:1])
   np.testing.assert_array_equal(more[0], images[0])
   assert len(more) == n
 
@@ -136,7 +136,7 @@ def test_guidance_settings_on_an_interleaved_director_say_they_do_nothing(direct
   import copy
   import logging
   d = Director(copy.deepcopy(director.config), director.engine.params, director.engine.tables, director.tok)
-  assert d._mode(None) == "interleaved"  # the tiny config's stage-1 mixture
+  assert d.mode() == "interleaved"  # the tiny config's stage-1 mixture
   with caplog.at_level(logging.WARNING):
     d.apply_overrides(["temperature=0.5"])
     assert "guidance" not in caplog.text
@@ -163,7 +163,7 @@ def test_valid_attempts_resample_a_repairable_script_and_fall_back_to_the_first(
       calls.append(prompt)
       return texts[len(calls) - 1], [image] * 3
 
-    monkeypatch.setattr(director, "_direct_interleaved", fake)
+    monkeypatch.setattr(director.writer, "direct_interleaved", fake)
     monkeypatch.setitem(director.inf, "valid_attempts", valid_attempts)
     return director.direct("A walk", mode="interleaved"), len(calls)
 
@@ -180,7 +180,7 @@ def test_valid_attempts_resample_a_repairable_script_and_fall_back_to_the_first(
 def test_schema_constraints_ban_the_tags_a_chunk_after_a_keyframe_may_not_use(director):
   from unimage_jax.inference import schema_constraints
   assert schema_constraints.defined_counts(GOOD) == (1, 1)
-  banned = director._banned_after_keyframe(GOOD.split("<Frame2>")[0], next_frame=2)
+  banned = director.writer.banned_after_keyframe(GOOD.split("<Frame2>")[0], next_frame=2)
   ids = director.tok.special_ids
   allowed = {"<Character1>", "<Environment1>", "<Frame2>"}
   for tag in ("<Prompt>", "<Character2>", "<Environment2>", "<Environment8>", "<Frame1>", "<Frame3>",
@@ -192,7 +192,7 @@ def test_schema_constraints_ban_the_tags_a_chunk_after_a_keyframe_may_not_use(di
   assert not banned[director.tok.im_end] and not banned[director.tok.encode("walks")].any()
   director.apply_overrides(["schema_constrained=false"])
   try:
-    assert director._banned_after_keyframe(GOOD, next_frame=3) is None
+    assert director.writer.banned_after_keyframe(GOOD, next_frame=3) is None
   finally:
     director.apply_overrides(["schema_constrained=true"])
   with pytest.raises(DirectorError, match="schema_constrained=maybe"):
