@@ -115,6 +115,16 @@ def test_cli_names_a_missing_checkpoint(tmp_path):
   assert out.returncode == 2 and f"{tmp_path}/nope does not exist" in out.stderr
 
 
+def test_the_director_does_not_import_the_data_pipelines():
+  """The director and its probes take the segment layout from unimage_jax/prompt_layout.py, as the
+  planner does; the data package depends on the model package, never the other way."""
+  code = ("import sys, unimage_jax.director, unimage_jax.evaluation.name_probe, unimage_jax.vae.training; "
+          "print(sorted(m for m in sys.modules if m.startswith('data_pipelines')))")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout
+
+
 def test_name_probe_reads_the_cast_lines_as_the_planner_trains_them(director):
   from data_pipelines.sequence_plan import PlanConfig, Planner
   from unimage_jax.evaluation.heldout import validation_records

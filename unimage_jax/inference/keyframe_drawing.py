@@ -30,8 +30,8 @@ from unimage_jax.script_schema import Script
 class KeyframeDrawer:
   """Samples keyframes with one engine, laid out by one :class:`DirectorLayout`."""
 
-  def __init__(self, engine: Engine, segments: DirectorLayout, config: ml_collections.ConfigDict):
-    self.engine, self.segments = engine, segments
+  def __init__(self, engine: Engine, layout: DirectorLayout, config: ml_collections.ConfigDict):
+    self.engine, self.layout = engine, layout
     self.inf = config.inference  # read at each draw: --set may change it
     self.model_config = config.model
 
@@ -47,7 +47,7 @@ class KeyframeDrawer:
     """Reference images as the first context of every row that sees images (rows 0 and 1 of the
     guidance triple; row 2 is "without images")."""
     for image in references:
-      ctx = self.segments.context_image(image)
+      ctx = self.layout.context_image(image)
       cache, _ = self.engine.prefill(cache, [ctx, ctx, []][:rows])
     return cache
 
@@ -57,7 +57,7 @@ class KeyframeDrawer:
 
   def sample(self, cache: KVCache, rng, rows: int) -> np.ndarray:
     """The latents [grid*grid, D] of the keyframe whose context ``cache`` holds."""
-    noised = self.segments.noised_image(self.engine.latent_dim)
+    noised = self.layout.noised_image(self.engine.latent_dim)
     chunk = chunks.chunk_from_segments([[noised]] * rows, cache, self.model_config)
     latents = self.engine.sample_image(cache, chunk, rng, num_steps=int(self.inf.num_steps),
                                        shift=float(self.inf.timestep_shift), guidance=self.guidance())
@@ -71,7 +71,7 @@ class KeyframeDrawer:
 
   def draw_disentangled(self, script: Script, rng, earlier: list[np.ndarray],
                         references: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
-    seg, engine = self.segments, self.engine
+    seg, engine = self.layout, self.engine
     rows = 3 if self.guided() else 1
     base = self.fresh_cache(references, rows)
     script_text = seg.text(script_schema.render(script).splitlines())
@@ -94,7 +94,7 @@ class KeyframeDrawer:
   def draw_interleaved(self, script: Script, rng, earlier: list[np.ndarray],
                        references: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
     """Teacher-forced: the script's own lines between the keyframes."""
-    seg, engine = self.segments, self.engine
+    seg, engine = self.layout, self.engine
     cache = self.fresh_cache(references, 1)
     n = len(script.shots)
     tail = lambda k: seg.text(prompt_layout.tail_lines(script, k))

@@ -29,17 +29,17 @@ from unimage_jax.script_schema import Script
 class ScriptWriter:
   """Samples script text with one engine; draws the interleaved keyframes with ``keyframes``."""
 
-  def __init__(self, engine: Engine, segments: DirectorLayout, keyframes: KeyframeDrawer,
+  def __init__(self, engine: Engine, layout: DirectorLayout, keyframes: KeyframeDrawer,
                config: ml_collections.ConfigDict):
-    self.engine, self.segments, self.keyframes = engine, segments, keyframes
-    self.tok = segments.tok
+    self.engine, self.layout, self.keyframes = engine, layout, keyframes
+    self.tok = layout.tok
     self.inf = config.inference  # read at each call: --set may change it
     self.vocab_size = int(config.model.vocab_size)
 
   def cache_room_error(self, used: int, what: str) -> DirectorError:
     cap = int(self.inf.cache_capacity)
     return DirectorError(f"config.inference.cache_capacity={cap} leaves no room for {what} after the first "
-                         f"{used} slots (prompt and context; a keyframe takes {self.segments.keyframe_slots}); raise it "
+                         f"{used} slots (prompt and context; a keyframe takes {self.layout.keyframe_slots}); raise it "
                          "(tools/direct.py --set=cache_capacity=N) or shorten the prompt")
 
   def sampling(self) -> SamplingParams:
@@ -63,7 +63,7 @@ class ScriptWriter:
 
   def write_script(self, prompt: str, rng, context: Script | None, references: Sequence[np.ndarray] = ()) -> str:
     """Disentangled: the whole script in one text segment after the (pre-)context segment."""
-    seg = self.segments
+    seg = self.layout
     cache = self.keyframes.fresh_cache(references, 1)
     if context is None:
       ctx_lines = [script_schema.prompt_line(prompt)]
@@ -80,7 +80,7 @@ class ScriptWriter:
   def direct_interleaved(self, prompt: str, rng, shots: int | None, context: Storyboard | None,
                          references: Sequence[np.ndarray] = ()) -> tuple[str, list[np.ndarray]]:
     """Interleaved: (the text the model wrote, its keyframes), at most ``shots`` keyframes."""
-    seg, engine = self.segments, self.engine
+    seg, engine = self.layout, self.engine
     cap = int(self.inf.cache_capacity)
     cache = self.keyframes.fresh_cache(references, 1)
     images: list[np.ndarray] = []
