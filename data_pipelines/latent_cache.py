@@ -100,7 +100,7 @@ def write_cache(directory: str, source, encode: Callable[[np.ndarray], np.ndarra
   from array_record.python.array_record_module import ArrayRecordWriter
 
   from data_pipelines.builders import decode_record
-  from data_pipelines.sequence_plan import resize
+  from unimage_jax.images import resize
 
   manifest = read_manifest(directory)
   if manifest is not None:
@@ -220,10 +220,7 @@ class WithLatents:
 def load_checked_vae(config):
   """The config's VAE, checked against the model's latent space (errors name the fields)."""
   from unimage_jax.vae import store
-
-  vae = store.load_vae(config.model.vae_path)
-  store.check_matches(vae.config, config.model, config.data.image_size)
-  return vae
+  return store.load_for_config(config)
 
 
 def expected_for(config, vae, num_records: int) -> Expected:

@@ -30,7 +30,8 @@ use to fill a row's tail (``packing.FirstFitPacker``). A cut script continuation
   13% of the gen slots (README, "Diagnosing the keyframes").
 
 Text lines are encoded one by one (``line + "\\n"``) so a prefix of a script always has the same
-tokens as the whole script's prefix; inference must encode the same way (:func:`encode_lines`).
+tokens as the whole script's prefix; the director encodes the same way (``unimage_jax/prompt_layout.py``
+holds the layout both use).
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
-from unimage_jax import layout
+from unimage_jax import layout, prompt_layout
 from unimage_jax.config_validation import ConfigError
 from unimage_jax.errors import UserError
+from unimage_jax.images import resize, vit_patches
 from unimage_jax.layout import BufferSizes, ImageSegment, TextSegment, VitSegment
 from unimage_jax.pixel_codec import image_to_tokens
-from unimage_jax.script_schema import Script, frame_line, header_lines, video_line
+from unimage_jax.script_schema import Script, frame_line, header_lines, prompt_line, video_line
 from unimage_jax.tokenizer import Tokenizer
 
 TASKS = ("interleaved", "script", "keyframe", "header", "opening")
@@ -141,26 +142,6 @@ class Sample:
     return layout.sample_lengths(self.segments)
 
 
-def encode_lines(tok: Tokenizer, lines: Sequence[str]) -> list[int]:
-  """Script lines -> ids, each line encoded separately with its newline (as the planner does)."""
-  return [i for line in lines for i in tok.encode(line + "\n")]
-
-
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, 3] -> [size, size, 3] (box filter when shrinking: exact for flat colours)."""
-  if image.shape[0] == size and image.shape[1] == size:
-    return image
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BOX), np.uint8)
-
-
-def vit_patches(image: np.ndarray, patch: int) -> tuple[np.ndarray, int, int]:
-  """uint8 [H, W, 3] -> normalised pixels [h*w, p*p*3] in (p, p, c) order, h, w."""
-  x = image.astype(np.float32) / 127.5 - 1.0
-  h, w = image.shape[0] // patch, image.shape[1] // patch
-  x = x[: h * patch, : w * patch].reshape(h, patch, w, patch, 3).transpose(0, 2, 1, 3, 4)
-  return x.reshape(h * w, patch * patch * 3), h, w
-
-
 def _fits(segments: Sequence[layout.Segment], sizes: BufferSizes) -> bool:
   u, g, v, s = layout.sample_lengths(segments)
   return u <= sizes.und_len and g <= sizes.gen_len and v <= sizes.vit_len and s <= sizes.max_segments
@@ -177,14 +158,13 @@ class Planner:
   # ------------------------------------------------------------------ building blocks
   def _ids(self, line: str) -> list[int]:
     if line not in self._cache:  # a story's lines recur across variants: encode each once
-      self._cache[line] = self.tok.encode(line + "\n")
+      self._cache[line] = prompt_layout.line_ids(self.tok, line)
     return self._cache[line]
 
   def _text(self, lines: Sequence[str], train: bool, close: bool = True) -> TextSegment:
     """``<|im_start|> lines [<|im_end|>]``; ``close=False`` for a cut-off text (no false stop)."""
-    ids = [self.tok.im_start] + [i for line in lines for i in self._ids(line)]
-    ids += [self.tok.im_end] if close else []
-    return TextSegment(np.asarray(ids, np.int32), train=train)
+    ids = [i for line in lines for i in self._ids(line)]
+    return prompt_layout.text_segment(self.tok, ids, train=train, close=close)
 
   def _image(self, frame, noised: bool) -> ImageSegment:
     c = self.cfg
@@ -192,12 +172,12 @@ class Planner:
       tokens, h, w = frame.tokens, frame.h, frame.w
     else:
       tokens, h, w = image_to_tokens(resize(frame, c.image_size), c.pixel_downsample, c.latent_patch_size)
-    return ImageSegment(tokens, h, w, noised, self.tok.vision_start, self.tok.vision_end)  # [h*w, D]
+    return prompt_layout.image_segment(self.tok, tokens, h, w, noised)  # [h*w, D]
 
   def _vit(self, frame) -> VitSegment:
     image = frame.pixels if isinstance(frame, CachedFrame) else frame
     patches, h, w = vit_patches(resize(image, self.cfg.image_size), self.cfg.vit_patch_size)
-    return VitSegment(patches, h, w, self.tok.vision_start, self.tok.vision_end)
+    return prompt_layout.vit_segment(self.tok, patches, h, w)
 
   def _fitting(self, candidates, what: str) -> list[list[layout.Segment]]:
     """Keeps the candidate layouts (longest first) that fit a row alone; at least one must."""
@@ -237,8 +217,7 @@ class Planner:
       for k in range(1, n + 1):
         segs += list(images[k - 1])
         if k < n or with_tail:
-          tail = [video_line(script, k)] + ([frame_line(script, k + 1)] if k < n_shots else [])
-          segs.append(self._text(tail, True))
+          segs.append(self._text(prompt_layout.tail_lines(script, k), True))
       return segs
 
     candidates = (prefix(n, tail) for n in range(n_shots, 0, -1) for tail in (True, False))
@@ -246,7 +225,7 @@ class Planner:
 
   def _first_text(self, script: Script) -> TextSegment:
     """[prompt, cast, places, <Frame1>] closed by the ``<|im_end|>`` that asks for keyframe 1."""
-    return self._text(header_lines(script) + [frame_line(script, 1)], True)
+    return self._text(prompt_layout.first_text_lines(script), True)
 
   def header(self, script: Script, frames, rng: np.random.Generator):
     """The interleaved layout's first text (trained), without the images."""
@@ -269,7 +248,7 @@ class Planner:
     del frames
     n_shots = len(script.shots)
     shot_lines = lambda a, b: sum(([frame_line(script, k), video_line(script, k)] for k in range(a, b + 1)), [])
-    context, start = [f"<Prompt>: {script.prompt}"], 1
+    context, start = [prompt_line(script.prompt)], 1
     rest_header = header_lines(script)[1:]
     if n_shots >= 2 and rng.random() < self.cfg.precontext_split_prob:
       cut = int(rng.integers(1, n_shots))

@@ -72,10 +72,10 @@ def test_keyframes_for_a_script_with_guidance_rows(director):
   script = record["script"]
   n = min(3, len(script.shots))
   script = script_schema.Script(script.prompt, script.characters, script.environments, script.shots[:n])
-  images = director._draw_disentangled(script, jax.random.key(0), [])
+  images = director.keyframes.draw_disentangled(script, jax.random.key(0), [])
   assert len(images) == n and all(im.shape == (32, 32, 3) and im.dtype == np.uint8 for im in images)
   # continuation: earlier keyframes are context, only the new shots are drawn
-  more = director._draw_disentangled(script, jax.random.key(1), images[:1])
+  more = director.keyframes.draw_disentangled(script, jax.random.key(1), images[:1])
   np.testing.assert_array_equal(more[0], images[0])
   assert len(more) == n
 
@@ -115,6 +115,16 @@ def test_cli_names_a_missing_checkpoint(tmp_path):
   assert out.returncode == 2 and f"{tmp_path}/nope does not exist" in out.stderr
 
 
+def test_the_director_does_not_import_the_data_pipelines():
+  """The director and its probes take the segment layout from unimage_jax/prompt_layout.py, as the
+  planner does; the data package depends on the model package, never the other way."""
+  code = ("import sys, unimage_jax.director, unimage_jax.evaluation.name_probe, unimage_jax.vae.training; "
+          "print(sorted(m for m in sys.modules if m.startswith('data_pipelines')))")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout
+
+
 def test_name_probe_reads_the_cast_lines_as_the_planner_trains_them(director):
   from data_pipelines.sequence_plan import PlanConfig, Planner
   from unimage_jax.evaluation.heldout import validation_records
@@ -136,7 +146,7 @@ def test_guidance_settings_on_an_interleaved_director_say_they_do_nothing(direct
   import copy
   import logging
   d = Director(copy.deepcopy(director.config), director.engine.params, director.engine.tables, director.tok)
-  assert d._mode(None) == "interleaved"  # the tiny config's stage-1 mixture
+  assert d.mode() == "interleaved"  # the tiny config's stage-1 mixture
   with caplog.at_level(logging.WARNING):
     d.apply_overrides(["temperature=0.5"])
     assert "guidance" not in caplog.text
@@ -163,7 +173,7 @@ def test_valid_attempts_resample_a_repairable_script_and_fall_back_to_the_first(
       calls.append(prompt)
       return texts[len(calls) - 1], [image] * 3
 
-    monkeypatch.setattr(director, "_direct_interleaved", fake)
+    monkeypatch.setattr(director.writer, "direct_interleaved", fake)
     monkeypatch.setitem(director.inf, "valid_attempts", valid_attempts)
     return director.direct("A walk", mode="interleaved"), len(calls)
 
@@ -180,7 +190,7 @@ def test_valid_attempts_resample_a_repairable_script_and_fall_back_to_the_first(
 def test_schema_constraints_ban_the_tags_a_chunk_after_a_keyframe_may_not_use(director):
   from unimage_jax.inference import schema_constraints
   assert schema_constraints.defined_counts(GOOD) == (1, 1)
-  banned = director._banned_after_keyframe(GOOD.split("<Frame2>")[0], next_frame=2)
+  banned = director.writer.banned_after_keyframe(GOOD.split("<Frame2>")[0], next_frame=2)
   ids = director.tok.special_ids
   allowed = {"<Character1>", "<Environment1>", "<Frame2>"}
   for tag in ("<Prompt>", "<Character2>", "<Environment2>", "<Environment8>", "<Frame1>", "<Frame3>",
@@ -192,7 +202,7 @@ def test_schema_constraints_ban_the_tags_a_chunk_after_a_keyframe_may_not_use(di
   assert not banned[director.tok.im_end] and not banned[director.tok.encode("walks")].any()
   director.apply_overrides(["schema_constrained=false"])
   try:
-    assert director._banned_after_keyframe(GOOD, next_frame=3) is None
+    assert director.writer.banned_after_keyframe(GOOD, next_frame=3) is None
   finally:
     director.apply_overrides(["schema_constrained=true"])
   with pytest.raises(DirectorError, match="schema_constrained=maybe"):

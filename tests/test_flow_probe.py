@@ -19,7 +19,7 @@ def test_place_by_story_places_reads_the_implied_clean_image():
   records = validation_records(c, 6)
   probe = FlowProbe(director.engine.mdef, params, tables, c, Planner(PlanConfig.from_config(c), director.tok))
   # the random model's own velocities: it runs, and every probed shot is counted once
-  out = probe.place_by_story_places(records, "interleaved", director._decode, shots_per_story=2)
+  out = probe.place_by_story_places(records, "interleaved", director.codec.decode, shots_per_story=2)
   assert sum(n for _, n in out.values()) == sum(min(2, len(r["script"].shots)) for r in records)
   assert set(out) <= {1, 2, 3} and all(0.0 <= acc <= 1.0 for acc, _ in out.values())
 
@@ -28,10 +28,10 @@ def test_place_by_story_places_reads_the_implied_clean_image():
     x_t = (1.0 - t) * row.target + t * eps
     return (x_t - row.target) / t, x_t
   probe.velocity_of = oracle
-  out = probe.place_by_story_places(records, "interleaved", director._decode, shots_per_story=2)
+  out = probe.place_by_story_places(records, "interleaved", director.codec.decode, shots_per_story=2)
   assert all(acc == 1.0 for acc, _ in out.values()), out
 
   # ... and one that draws a black frame (no place's colours within the detector's tolerance) none
   probe.velocity_of = lambda row, t, eps, **kw: (eps + 1.0, eps)  # x0 = x_t - v = -1: black
-  out = probe.place_by_story_places(records, "interleaved", director._decode, shots_per_story=2)
+  out = probe.place_by_story_places(records, "interleaved", director.codec.decode, shots_per_story=2)
   assert all(acc == 0.0 for acc, _ in out.values()), out

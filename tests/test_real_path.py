@@ -108,28 +108,28 @@ def test_director_decodes_with_the_vae_and_encodes_continuation_images(tmp_path)
   head = params["llm2vae"]["kernel"]  # zero at init: give the keyframes a dependence on their context
   params["llm2vae"]["kernel"] = jax.random.normal(jax.random.key(5), head.shape, head.dtype) * 0.1
   director = Director(c, params, tables, load_tokenizer(c.data.tokenizer_path, c.model.vocab_size))
-  assert director.use_vit and director.grid == 2
+  assert director.layout.use_vit and director.layout.grid == 2
   record = decode_record(load_source(c.data.data_dir, "storyworld", "validation")[0])
   script = record["script"]
   script = script_schema.Script(script.prompt, script.characters, script.environments, script.shots[:2])
-  images = director._draw_disentangled(script, jax.random.key(0), [])
+  images = director.keyframes.draw_disentangled(script, jax.random.key(0), [])
   assert len(images) == 2 and all(im.shape == (32, 32, 3) and im.dtype == np.uint8 for im in images)
   # the decoder is the VAE's: decoding the encoder's tokens of a frame gives the VAE reconstruction
-  tokens = director._encode(record["keyframes"][0])
+  tokens = director.codec.encode(record["keyframes"][0])
   vae = store.load_vae(c.model.vae_path)
   want = store.Codec(vae, 2).decode(tokens[None], 2, 2)[0]
-  np.testing.assert_array_equal(director._decode(tokens), want)
+  np.testing.assert_array_equal(director.codec.decode(tokens), want)
   # continuation: the earlier keyframe is encoded as context and kept
-  more = director._draw_disentangled(script, jax.random.key(1), [record["keyframes"][0]])
+  more = director.keyframes.draw_disentangled(script, jax.random.key(1), [record["keyframes"][0]])
   np.testing.assert_array_equal(more[0], record["keyframes"][0])
   assert len(more) == 2
   # reference images: encoded by the VAE encoder, they take their slots first and the keyframes see them
   encoded = []
-  encode = director.codec.encode
-  director.codec.encode = lambda x: encoded.append(np.asarray(x)) or encode(x)
+  encode = director.codec.vae.encode  # the VAE's batch encoder behind the director's codec
+  director.codec.vae.encode = lambda x: encoded.append(np.asarray(x)) or encode(x)
   ref = record["keyframes"][1]
-  cache = director._prefill_references(director.engine.new_cache(1, 1024), [ref, ref], 1)
-  assert int(np.asarray(cache.length)[0]) == 2 * director._context_slots() == 2 * (4 + 2 + 16 + 2)
+  cache = director.keyframes.prefill_references(director.engine.new_cache(1, 1024), [ref, ref], 1)
+  assert int(np.asarray(cache.length)[0]) == 2 * director.layout.context_slots() == 2 * (4 + 2 + 16 + 2)
   assert len(encoded) == 2 and np.array_equal(encoded[0][0], ref)
   with_ref = director.draw_keyframes(script, seed=0, mode="disentangled", references=[ref])
   without = director.draw_keyframes(script, seed=0, mode="disentangled")

@@ -26,7 +26,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes (the best is reporte
 def main(argv):
   del argv
   from data_pipelines import builders, latent_cache, pipeline
-  from data_pipelines.sequence_plan import resize
+  from unimage_jax.images import resize
   from unimage_jax.vae import store
 
   config = _CONFIG.value

@@ -40,14 +40,14 @@ def main(argv):
   config = director.config
   task = _TASK.value
   if task == "auto":
-    task = "keyframe" if director._mode(None) == "disentangled" else "interleaved"
+    task = "keyframe" if director.mode() == "disentangled" else "interleaved"
   planner = Planner(PlanConfig.from_config(config), director.tok)
   probe = FlowProbe(director.engine.mdef, director.engine.params, director.engine.tables, config, planner)
   stats = probe.run(records, task, timesteps=[float(t) for t in _TIMESTEPS.value], shots_per_story=_SHOTS.value)
   latents = np.concatenate([planner._image(f, noised=False).latents for r in records for f in r["keyframes"]])
   print(f"{_CHECKPOINT.value}: {task} layout, {len(records)} held-out stories, {_SHOTS.value} shots each")
   print(table(stats, float(np.var(latents))))
-  by_places = probe.place_by_story_places(records, task, director._decode, shots_per_story=_SHOTS.value)
+  by_places = probe.place_by_story_places(records, task, director.codec.decode, shots_per_story=_SHOTS.value)
   print("place drawn by the context alone (implied x0 at t = 1), by the story's number of places:")
   print("| places in the story | place accuracy | shots |\n|---|---|---|")
   for n, (acc, shots) in by_places.items():

@@ -17,6 +17,7 @@ import os
 from absl import app, flags
 
 from unimage_jax import cli
+from unimage_jax.config_validation import INFERENCE_MODES
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (or its checkpoints/ dir).", required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "The user's prompt (one line).")
@@ -26,7 +27,7 @@ _OUTPUT = flags.DEFINE_string("output", "runs/storyboard", "Output directory.")
 _SHOTS = flags.DEFINE_integer("shots", None, "Upper bound on the number of (new) shots.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_MODE = flags.DEFINE_enum("mode", None, ["auto", "interleaved", "disentangled"], "Director layout.")
+_MODE = flags.DEFINE_enum("mode", None, list(INFERENCE_MODES), "Director layout.")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "Use the raw params even when an EMA is saved.")
 _CONTINUE = flags.DEFINE_string("continue_from", None, "storyboard.json of a story to continue.")
 _REFS = flags.DEFINE_list("reference_images", [], "Comma-separated image files (character sheets, places) "

@@ -51,10 +51,10 @@ def check_checkpoint(workdir: str) -> None:
   from unimage_jax.interchange import orbax_io
   if not os.path.isdir(workdir):
     raise EvalError(f"checkpoint directory {workdir!r} does not exist")
-  if orbax_io.finished_steps(orbax_io.checkpoint_dir(workdir)):
+  if orbax_io.run_steps(workdir):
     return
   raise EvalError(f"{workdir!r} holds no checkpoints (expected step directories under "
-                  f"{os.path.join(workdir, 'checkpoints')}, as tools/train.py writes them)")
+                  f"{os.path.join(workdir, orbax_io.CHECKPOINTS)}, as tools/train.py writes them)")
 
 
 def read_prompts_file(path: str) -> list[str]:

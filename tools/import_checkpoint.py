@@ -93,7 +93,7 @@ def check_flags() -> None:
   if os.path.exists(out) and not os.path.isdir(out):
     raise atomic_io.OutputExistsError(f"--output {out} is a file, not a folder")
   if os.path.isdir(out) and os.listdir(out) and not _OVERWRITE.value:
-    what = "a training run" if orbax_io.finished_steps(orbax_io.checkpoint_dir(out)) else "files"
+    what = "a training run" if orbax_io.run_steps(out) else "files"
     raise atomic_io.OutputExistsError(f"--output {out} is not empty (it holds {what}); choose an empty folder, "
                                       "or pass --overwrite to replace it")
   if _BASE.value and os.path.abspath(_BASE.value) == os.path.abspath(out):

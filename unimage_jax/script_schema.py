@@ -99,9 +99,14 @@ def _want(value: Any, typ: type, field: str, shot: int | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------------- render
+def prompt_line(prompt: str) -> str:
+  """``<Prompt>: ...``: the first line of a script, and all the director is given to start one."""
+  return f"<Prompt>: {prompt}"
+
+
 def header_lines(script: Script) -> list[str]:
   """Prompt, character and environment lines (the part every shot depends on)."""
-  lines = [f"<Prompt>: {script.prompt}"]
+  lines = [prompt_line(script.prompt)]
   lines += [f"<Character{i}>: {c}" for i, c in enumerate(script.characters, start=1)]
   lines += [f"<Environment{i}>: {e}" for i, e in enumerate(script.environments, start=1)]
   return lines

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from unimage_jax import script_schema
+from unimage_jax.inference.storyboard import DirectorError, Storyboard
 from unimage_jax.script_schema import Script
 
 _TAG = re.compile(r"<(Character|Environment)(\d+)>")
@@ -102,7 +103,6 @@ body {{ font-family: sans-serif; margin: 2em; background: #f4f4f4; }}
 
 def check_output_dir(out_dir: str) -> None:
   """Makes sure the storyboard can be written to ``out_dir`` *before* anything is generated."""
-  from unimage_jax.director import DirectorError
   for name in (out_dir, os.path.join(out_dir, "keyframes")):
     if os.path.exists(name) and not os.path.isdir(name):
       raise DirectorError(f"--output {out_dir}: {name} is a file, not a folder")
@@ -146,7 +146,6 @@ def save_storyboard(sb, out_dir: str) -> dict[str, str]:
 
 def load_storyboard(path: str):
   """A storyboard.json written by :func:`save_storyboard` -> Storyboard (for continuation)."""
-  from unimage_jax.director import DirectorError, Storyboard
   if not os.path.exists(path):
     raise DirectorError(f"--continue_from {path} does not exist")
   try:
@@ -169,7 +168,6 @@ def load_storyboard(path: str):
 
 def read_images(paths, what: str = "--reference_images") -> list[np.ndarray]:
   """uint8 RGB arrays of image files; a missing or unreadable one is a DirectorError naming it."""
-  from unimage_jax.director import DirectorError
   images = []
   for path in paths:
     if not os.path.isfile(path):

@@ -7,7 +7,7 @@ accessories from ``cast.py``; place colours taken from renders of the empty plac
 covered without copying the renderer's literals). Each connected blob of one character colour
 (scarf pixels may bridge it, as a scarf cuts a triangle in two) becomes a detection. Its shape,
 size class and pose are chosen by *analysis by synthesis*: candidate bodies are drawn with the
-renderer's ``_draw_character`` at the size the camera implies and compared with the blob
+renderer's ``draw_character`` at the size the camera implies and compared with the blob
 (IoU over the pixels not hidden by accessories or other characters). Edges cut by the frame are
 handled by anchoring the candidate on the sides that are not cut.
 
@@ -29,10 +29,6 @@ from data_pipelines.storyworld import cast as cast_lib
 from data_pipelines.storyworld import renderer
 from data_pipelines.storyworld.grammar import NUM_SLOTS, Story
 
-Camera = tuple[float, float, float]  # (centre x, centre y, zoom) in world units, as renderer._camera
-WIDE_CAMERA: Camera = (0.5, 0.5, 1.0)
-SITTING = 0.7  # height factor of a sitting body (renderer._body_box)
-ASPECT = 0.8  # body width / standing height (renderer._body_box)
 MARGIN = 0.05  # IoU margin within which a size class or shape still explains a blob
 
 
@@ -115,7 +111,7 @@ def label_pixels(image: np.ndarray, tolerance: float = 60.0) -> np.ndarray:
 # ------------------------------------------------------------------------------ templates
 @functools.lru_cache(maxsize=200_000)
 def _local_template(shape: str, fx: float, fy: float, w: float, h: float) -> np.ndarray:
-  """Body mask drawn by the renderer's ``_draw_character`` in box (fx, fy, fx + w, fy + h).
+  """Body mask drawn by the renderer's ``draw_character`` in box (fx, fy, fx + w, fy + h).
 
   bool [ceil(fy + h) + 1, ceil(fx + w) + 1]; fx, fy in [0, 1) are the sub-pixel offsets, so one
   cached mask serves every integer position (PIL truncates float coordinates).
@@ -123,7 +119,7 @@ def _local_template(shape: str, fx: float, fy: float, w: float, h: float) -> np.
   cw, ch = int(np.ceil(fx + w)) + 1, int(np.ceil(fy + h)) + 1
   img = Image.new("RGB", (cw, ch), (0, 0, 0))
   spec = cast_lib.CharacterSpec("t", shape, "white", "small", "none")
-  renderer._draw_character(ImageDraw.Draw(img), spec, (fx, fy, fx + w, fy + h))
+  renderer.draw_character(ImageDraw.Draw(img), spec, (fx, fy, fx + w, fy + h))
   return np.asarray(img)[..., 0] > 0
 
 
@@ -212,8 +208,8 @@ def _fit(win: _Window, bbox: tuple[int, int, int, int], hmodes: Sequence[str], v
     for vmode in vmodes:
       for size, height in cast_lib.SIZES.items():
         for pose in ("standing", "sitting"):
-          bh = height * (SITTING if pose == "sitting" else 1.0) * zoom * size_px
-          bw = height * ASPECT * zoom * size_px
+          bh = height * (renderer.SITTING_HEIGHT if pose == "sitting" else 1.0) * zoom * size_px
+          bw = height * renderer.BODY_ASPECT * zoom * size_px
           for bx0, bx1 in _place(x0, x1, bw, hmode):
             for by0, by1 in _place(y0, y1, bh, vmode):
               box = (bx0, by0, bx1, by1)
@@ -234,7 +230,7 @@ def _blob_fits(body: np.ndarray, care: np.ndarray, bbox: tuple[int, int, int, in
   win = _Window(body, care, bbox, margin=size_px)
   hmodes, vmodes = _anchors(cut)
   single = _fit(win, bbox, hmodes, vmodes, zoom, size_px)
-  narrowest = min(cast_lib.SIZES.values()) * ASPECT * zoom * size_px
+  narrowest = min(cast_lib.SIZES.values()) * renderer.BODY_ASPECT * zoom * size_px
   if single.iou >= 0.98 or bbox[2] - bbox[0] < 1.5 * narrowest:
     return [single]
   left = _fit(win, bbox, ["low"], vmodes, zoom, size_px)
@@ -253,19 +249,19 @@ def _blob_fits(body: np.ndarray, care: np.ndarray, bbox: tuple[int, int, int, in
 
 
 # ------------------------------------------------------------------------------ detection
-def world_slot(centre_px: float, camera: Camera, size_px: int) -> int:
+def world_slot(centre_px: float, camera: renderer.Camera, size_px: int) -> int:
   """Slot whose centre is nearest to the world x under ``camera``."""
   cx, _, zoom = camera
   x = (centre_px / size_px - 0.5) / zoom + cx
   return int(np.clip(np.floor(x * NUM_SLOTS), 0, NUM_SLOTS - 1))
 
 
-def detect(image: np.ndarray, camera: Camera | None = None, *, min_pixels: int = 4,
+def detect(image: np.ndarray, camera: renderer.Camera | None = None, *, min_pixels: int = 4,
            tolerance: float = 60.0, max_blobs: int = 32) -> list[Detection]:
   """Characters in a keyframe. image: uint8 [S, S, 3] (any size the renderer draws)."""
   if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
     raise ValueError(f"expected a square RGB image [S, S, 3], got shape {image.shape}")
-  camera = WIDE_CAMERA if camera is None else camera
+  camera = renderer.WIDE_CAMERA if camera is None else camera
   zoom = camera[2]
   S = image.shape[0]
   names, _ = palette()
@@ -300,7 +296,7 @@ def detect(image: np.ndarray, camera: Camera | None = None, *, min_pixels: int =
       known = _visible_fraction(f.box, S) >= 0.35
       pose = f.pose
       bottom_world = (f.box[3] / S - 0.5) / zoom + camera[1]
-      if pose == "standing" and bottom_world < renderer.GROUND_Y - 0.06:
+      if pose == "standing" and bottom_world < renderer.GROUND_Y - renderer.JUMP_HEIGHT / 2:  # nearer a jump's feet
         pose = "jumping"
       own_blob = blob if len(fits) == 1 else _box_mask(blob.shape, f.box) & blob
       out.append(Detection(
@@ -370,7 +366,7 @@ def _accessory(labels: np.ndarray, blob: np.ndarray, box, S: int, hat: int, scar
   x0, y0, x1, y1 = box
   w, h = x1 - x0, y1 - y0
   hx0, hx1 = int(round(x0 + 0.25 * w)), int(round(x1 - 0.25 * w))
-  hy0, hy1 = int(np.floor(y0 - 0.22 * h)), int(np.ceil(y0))
+  hy0, hy1 = int(np.floor(y0 - renderer.HAT_HEIGHT * h)), int(np.ceil(y0))
   hat_region = labels[max(hy0, 0):max(min(hy1 + 1, S), 0), max(hx0, 0):max(min(hx1, S), 0)]
   if hat_region.size and np.any(hat_region == hat):
     return "hat"

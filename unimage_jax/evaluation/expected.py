@@ -4,7 +4,7 @@ Why: "is <Character2> in frame" is only fair to ask where enough of it would be 
 renderer's own visibility flag is true for a body that overlaps the frame by a fraction of a
 pixel (or is hidden behind a neighbour), so the metrics and tests use the exact number of body
 pixels that survive in the rendered frame, computed here by drawing every character alone with
-the renderer's ``_draw_character`` and replaying the draw order.
+the renderer's ``draw_character`` and replaying its ``draw_order``.
 """
 
 from __future__ import annotations
@@ -41,27 +41,25 @@ class ExpectedCharacter:
     return (self.box[0] + self.box[2]) / 2
 
 
-def camera(story: Story, k: int) -> tuple[float, float, float]:
+def camera(story: Story, k: int) -> renderer.Camera:
   """(centre x, centre y, zoom) of shot k, as the renderer frames it."""
-  return renderer._camera(story.shots[k], story.cast)
+  return renderer.camera(story.shots[k], story.cast)
 
 
 def expected_characters(story: Story, k: int, size: int) -> list[ExpectedCharacter]:
   """Per cast member (cast order): where its body is drawn in shot k and how much of it shows."""
   shot = story.shots[k]
-  cx, cy, zoom = camera(story, k)
-  to_px = lambda x, y: (((x - cx) * zoom + 0.5) * size, ((y - cy) * zoom + 0.5) * size)
+  to_px = renderer.world_to_pixels(camera(story, k), size)
   pad = size * 3  # unbounded canvas: the frame sits at (pad, pad)
-  order = sorted(range(len(story.cast)), key=lambda i: i == shot["subject"])  # renderer's order
   owner = np.full((size, size), -1, np.int32)  # [S, S] last character drawn on each pixel
   bodies: dict[int, np.ndarray] = {}
   boxes, totals = {}, {}
-  for i in order:
+  for i in renderer.draw_order(shot, len(story.cast)):
     spec, state = story.cast[i], shot["characters"][i]
-    wx0, wy0, wx1, wy1 = renderer._body_box(spec, state["slot"], state["pose"])
+    wx0, wy0, wx1, wy1 = renderer.body_box(spec, state["slot"], state["pose"])
     (x0, y0), (x1, y1) = to_px(wx0, wy0), to_px(wx1, wy1)
     img = Image.new("RGB", (size + 2 * pad, size + 2 * pad), (0, 0, 0))
-    renderer._draw_character(ImageDraw.Draw(img), spec, (x0 + pad, y0 + pad, x1 + pad, y1 + pad))
+    renderer.draw_character(ImageDraw.Draw(img), spec, (x0 + pad, y0 + pad, x1 + pad, y1 + pad))
     arr = np.asarray(img)  # [S + 2 pad, S + 2 pad, 3]
     body = np.all(arr == cast_lib.COLOURS[spec.colour], axis=-1)
     drawn = np.any(arr != 0, axis=-1)  # body and accessory both cover what is behind

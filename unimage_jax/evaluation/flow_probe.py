@@ -161,7 +161,7 @@ class FlowProbe:
                             shots_per_story: int = 3, seed: int = 0) -> dict[int, tuple[float, int]]:
     """Place accuracy of the implied clean image at ``t = 1`` (the context alone draws it), by
     the story's number of places: ``{places: (accuracy, shots)}``; ``decode`` maps latent tokens
-    to a uint8 image (``Director._decode``: the pixel codec or the VAE decoder).
+    to a uint8 image (``director.codec.decode``: the pixel codec or the VAE decoder).
 
     Why: a model that has learned to draw the place words of its context, but not which place
     is *current* (the frame line's ``<EnvironmentK>`` resolved through its line, or the latest

@@ -12,8 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from data_pipelines.sequence_plan import encode_lines
 from unimage_jax import layout, script_schema
+from unimage_jax.prompt_layout import encode_lines, framed
 
 
 def cast_prefixes(tok, script: script_schema.Script) -> list[tuple[list[int], int]]:
@@ -23,7 +23,7 @@ def cast_prefixes(tok, script: script_schema.Script) -> list[tuple[list[int], in
   out = []
   for k, line in enumerate(cast):
     tag, colon, name = tok.encode(line)[:3]  # "<CharacterK>", ":", the name's (first) token, ...
-    out.append(([tok.im_start] + encode_lines(tok, [lines[0]] + cast[:k]) + [tag, colon], name))
+    out.append((framed(tok, encode_lines(tok, [lines[0]] + cast[:k]) + [tag, colon], close=False), name))
   return out
 
 

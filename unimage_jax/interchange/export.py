@@ -77,9 +77,7 @@ def export_checkpoint_step(checkpoint: str, out_dir: str, *, step: int | None = 
   """
   from unimage_jax.interchange import orbax_io
 
-  if not os.path.isdir(checkpoint):
-    raise orbax_io.CheckpointError(f"checkpoint directory {checkpoint} does not exist")
-  ckpt_dir = orbax_io.checkpoint_dir(checkpoint)
+  ckpt_dir = orbax_io.existing_checkpoint_dir(checkpoint)
   check_output(out_dir, ckpt_dir)
 
   def attempt(s: int) -> list[str]:

@@ -28,6 +28,7 @@ from absl import logging
 from unimage_jax.errors import UserError
 
 CONFIG_NAME = "config.json"
+CHECKPOINTS = "checkpoints"  # the folder of a training workdir that holds the step directories
 ITEMS = ("params", "tables")
 # Storage chunks of at most this size: readers (export) then decode a big array chunk by chunk
 # instead of holding a second full-size copy; any Orbax reader restores them unchanged.
@@ -60,8 +61,20 @@ def _abs(directory: str) -> str:
 
 def checkpoint_dir(path: str) -> str:
   """A training workdir or its checkpoints folder -> the folder that holds the Orbax step directories."""
-  sub = os.path.join(path, "checkpoints")
+  sub = os.path.join(path, CHECKPOINTS)
   return sub if os.path.isdir(sub) else path
+
+
+def existing_checkpoint_dir(path: str) -> str:
+  """:func:`checkpoint_dir` of a folder that must exist: the readers' ``--checkpoint``."""
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint directory {path} does not exist")
+  return checkpoint_dir(path)
+
+
+def run_steps(path: str) -> list[int]:
+  """:func:`finished_steps` of a training workdir or its checkpoints folder."""
+  return finished_steps(checkpoint_dir(path))
 
 
 def finished_steps(directory: str) -> list[int]:
@@ -408,9 +421,7 @@ def load_checkpoint(path: str, step: int | None = None, *, use_ema: bool = False
 
   With ``use_ema`` the saved EMA replaces the params (cast to their dtype) where the step has one.
   """
-  if not os.path.isdir(path):
-    raise CheckpointError(f"checkpoint directory {path} does not exist")
-  directory = _abs(checkpoint_dir(path))
+  directory = _abs(existing_checkpoint_dir(path))
 
   def load(s: int) -> LoadedCheckpoint:
     cfg = step_config(directory, s) if config is None else config

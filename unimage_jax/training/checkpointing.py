@@ -116,7 +116,7 @@ def check_resume(config: ml_collections.ConfigDict, directory: str) -> None:
   """
   directory = os.path.abspath(directory)
   source = config.train.init_from
-  if source and not orbax_io.finished_steps(directory) and not orbax_io.finished_steps(orbax_io.checkpoint_dir(source)):
+  if source and not orbax_io.finished_steps(directory) and not orbax_io.run_steps(source):
     raise ConfigError(f"config.train.init_from={source!r} holds no checkpoint steps" +
                       ("" if os.path.isdir(source) else " (the folder does not exist)"))
   for name in orbax_io.unfinished_saves(directory):

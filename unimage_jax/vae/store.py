@@ -100,6 +100,14 @@ def check_matches(vae_cfg: flux_vae.VAEConfig, model_cfg, image_size: int, field
     raise VAEError(f"{field}: " + "; ".join(bad))
 
 
+def load_for_config(config) -> flux_vae.FluxVAE:
+  """The VAE ``config.model.vae_path`` names, checked against the model's latent space (errors name
+  the fields): what the latent cache and the director encode and decode with."""
+  vae = load_vae(config.model.vae_path)
+  check_matches(vae.config, config.model, config.data.image_size)
+  return vae
+
+
 def fingerprint(vae: flux_vae.FluxVAE) -> str:
   """sha256 over the VAE's config and parameter bytes: a latent cache records which VAE made it."""
   h = hashlib.sha256(json.dumps(dataclasses.asdict(vae.config), sort_keys=True).encode())

@@ -36,7 +36,7 @@ def default_vae_path(config) -> str:
 def keyframes(config, split: str = "train", limit: int | None = None) -> np.ndarray:
   """uint8 ``[N, S, S, 3]``: the keyframes of a built split at ``config.data.image_size``."""
   from data_pipelines import builders, pipeline
-  from data_pipelines.sequence_plan import resize
+  from unimage_jax.images import resize
 
   d = config.data
   source = builders.load_source(d.data_dir, d.dataset, split, d.dataset_config, pipeline.default_build_name(config))

@@ -1,0 +1,61 @@
+"""How script text and images become segments: the one layout the planner trains on
+(``data_pipelines/sequence_plan.py``) and the director prompts with (``unimage_jax/director.py``).
+
+* Script lines are encoded one by one (``line + "\\n"``), so a prefix of a script always has the
+  same tokens as the whole script's prefix: the director continues exactly what the planner cut.
+* A text segment is ``<|im_start|> ... <|im_end|>``; the ``<|im_end|>`` is left off a text that is
+  cut off or still being written, so the model is never taught (or asked) to stop there.
+* An image segment carries the ``<|vision_start|>``/``<|vision_end|>`` ids the packer writes
+  around it.
+* The interleaved layout's texts: header + ``<Frame1>`` first (its ``<|im_end|>`` asks for
+  keyframe 1), then after keyframe k ``<Videok>`` and, unless k is the last shot, ``<Frame(k+1)>``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from unimage_jax.layout import ImageSegment, TextSegment, VitSegment
+from unimage_jax.script_schema import Script, frame_line, header_lines, video_line
+
+
+def line_ids(tok, line: str) -> list[int]:
+  """One script line -> ids, with its newline."""
+  return tok.encode(line + "\n")
+
+
+def encode_lines(tok, lines: Sequence[str]) -> list[int]:
+  """Script lines -> ids, each line encoded separately with its newline."""
+  return [i for line in lines for i in line_ids(tok, line)]
+
+
+def framed(tok, ids: Sequence[int], *, close: bool = True) -> list[int]:
+  """``<|im_start|> ids [<|im_end|>]``; ``close=False`` for a cut-off or still-open text."""
+  return [tok.im_start] + list(ids) + ([tok.im_end] if close else [])
+
+
+def text_segment(tok, ids: Sequence[int], *, train: bool, close: bool = True) -> TextSegment:
+  """A text segment of already-encoded lines (see :func:`framed`)."""
+  return TextSegment(np.asarray(framed(tok, ids, close=close), np.int32), train=train)
+
+
+def image_segment(tok, latents: np.ndarray, height: int, width: int, noised: bool) -> ImageSegment:
+  """VAE-latent tokens ``[h*w, D]`` between the image markers."""
+  return ImageSegment(latents, height, width, noised, tok.vision_start, tok.vision_end)
+
+
+def vit_segment(tok, patches: np.ndarray, height: int, width: int) -> VitSegment:
+  """ViT patches ``[h*w, p*p*3]`` between the image markers."""
+  return VitSegment(patches, height, width, tok.vision_start, tok.vision_end)
+
+
+def first_text_lines(script: Script) -> list[str]:
+  """The interleaved layout's first text: prompt, cast, places and ``<Frame1>``."""
+  return header_lines(script) + [frame_line(script, 1)]
+
+
+def tail_lines(script: Script, k: int) -> list[str]:
+  """The interleaved layout's text after keyframe k (1-based)."""
+  return [video_line(script, k)] + ([frame_line(script, k + 1)] if k < len(script.shots) else [])
