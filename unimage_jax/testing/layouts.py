@@ -104,5 +104,5 @@ def storyworld_row_meta(length: int, shots: int = 4, side: int = 16, prompt: int
   gen_len = length - und_len
   meta = row_meta([story] * n, und_len, gen_len)
   info = {"stories": n, "und_len": und_len, "gen_len": gen_len,
-          "tokens_per_story": su + sg, "padding": int(np.sum(meta.segment_kinds == 0))}
+          "tokens_per_story": su + sg, "padding": int(np.sum(meta.segment_kinds == layout.KIND_PAD))}
   return TokenMeta(*(x[None] for x in meta)), info
