@@ -1,7 +1,10 @@
 """Random packed rows for tests and benchmarks: every segment kind, several samples per row.
 
 Samples are drawn so the row exercises the whole layout (text, noised and clean latents, ViT
-images, padding); they are not meant to be learnable data.
+images, padding); they are not meant to be learnable data. Why not ``unimage_jax/testing/layouts.py``'s
+generator: these are whole model inputs (token ids, latents, ViT patches, sized by the config) in the
+order a real story has them, while that one draws metadata-only rows in arbitrary segment orders
+to stress the attention mask.
 """
 
 from __future__ import annotations
