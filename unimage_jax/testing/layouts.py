@@ -5,7 +5,7 @@ und buffer, VAE latents (noised and clean) in the gen buffer, several samples pe
 the end of each buffer. Why not ``unimage_jax/synthetic.py``'s generator: that one draws model inputs
 (ids, latents) in a real story's order for the synthetic data source, while this one draws only
 the layout, in any segment order (a noised image without its clean copy, ViT images anywhere), to
-stress the attention mask; its fixed-seed draws are what the attention tests assert on.
+stress the attention mask (the attention tests and benchmarks draw their rows here).
 """
 
 from __future__ import annotations
