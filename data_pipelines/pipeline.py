@@ -20,7 +20,7 @@ import numpy as np
 from data_pipelines import builders
 from data_pipelines.packing import PackIterDataset, RowEncoder
 from data_pipelines.sequence_plan import PlanConfig, Planner, Sample, SampleTooLargeError
-from unimage_jax import script_schema
+from unimage_jax import config_validation, script_schema
 from unimage_jax.config_validation import ConfigError
 from unimage_jax.errors import UserError
 from unimage_jax.tokenizer import load_tokenizer, tokenizer_file, train_any_tokenizer
@@ -57,7 +57,7 @@ def row_encoder(config) -> RowEncoder:
                     vit_grid=m.vit.max_patches_per_side,
                     sqrt_length_loss_weighting=bool(d.sqrt_length_loss_weighting),
                     sequence_shards=max(int(config.mesh.get("sequence", 1)), 1),
-                    slot_layout=d.get("slot_layout", "contiguous"))
+                    slot_layout=config_validation.slot_layout(d))
 
 
 class _OneSamplePerRow(grain.transforms.Map):

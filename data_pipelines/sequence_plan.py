@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from unimage_jax import layout, prompt_layout
+from unimage_jax.choices import AUTOENCODERS
 from unimage_jax.config_validation import ConfigError
 from unimage_jax.errors import UserError
 from unimage_jax.images import resize, vit_patches
@@ -83,8 +84,8 @@ class PlanConfig:
     if m.autoencoder == "pixel" and m.latent_channels != 3 * m.pixel_downsample ** 2:
       raise ConfigError(f"config.model.latent_channels={m.latent_channels} must be 3 * pixel_downsample**2 = "
                         f"{3 * m.pixel_downsample ** 2} for the pixel codec")
-    if m.autoencoder not in ("pixel", "flux_vae"):
-      raise ConfigError(f"config.model.autoencoder={m.autoencoder!r} must be 'pixel' or 'flux_vae'")
+    if m.autoencoder not in AUTOENCODERS:
+      raise ConfigError(f"config.model.autoencoder={m.autoencoder!r} must be {' or '.join(map(repr, AUTOENCODERS))}")
     weights = tuple((t, float(d.tasks[t])) for t in TASKS if t in d.tasks and float(d.tasks[t]) > 0)
     unknown = set(d.tasks.keys()) - set(TASKS)
     if unknown or not weights:

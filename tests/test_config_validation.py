@@ -91,4 +91,13 @@ def test_every_enumerated_choice_is_implemented():
   assert tuple(stacking.REMAT_POLICIES) == choices.REMAT_POLICIES
   for backend in ("cpu", "gpu", "tpu"):
     assert {dispatch.resolve_impl(impl, backend) for impl in choices.ATTENTION_IMPLS} <= set(choices.ATTENTION_IMPLS)
-  assert tuple(flow.RENORM_TYPES) == choices.RENORM_TYPES
+  # each guidance renorm is its own rule in the sampler: no two choices give the same guided velocity
+  import itertools
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(0)
+  v, v_text, v_img = (jnp.asarray(rng.normal(size=(6, 8)), jnp.float32) for _ in range(3))
+  guided = [np.asarray(flow.guided_velocity(v, v_text, v_img, jnp.float32(0.8),
+                                            flow.GuidanceParams(text_scale=6.0, img_scale=2.0, renorm_type=r)))
+            for r in choices.RENORM_TYPES]
+  assert not any(np.allclose(a, b) for a, b in itertools.combinations(guided, 2))

@@ -1,6 +1,5 @@
 """The two readings of the gen head: BAGEL's velocity, and the clean latent (x0) of the tiny configs."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

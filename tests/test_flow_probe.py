@@ -1,7 +1,5 @@
 """The flow probe's place-by-story-places read (tools/diagnose_flow.py), on a small random model."""
 
-import numpy as np
-
 import data_fixtures
 from data_pipelines.sequence_plan import PlanConfig, Planner
 from unimage_jax.director import Director

@@ -20,6 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import flags  # noqa: E402
 
+from unimage_jax.choices import CONTEXT_PARALLEL, XLA_ATTENTION_IMPLS  # noqa: E402
 from unimage_jax.testing import attention_aot as aot  # noqa: E402
 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name for get_topology_desc")
@@ -34,7 +35,7 @@ _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "activation dtype")
 _BQ = flags.DEFINE_integer("block_q", 256, "kernel query block")
 _BK = flags.DEFINE_integer("block_k", 512, "kernel key block")
 _IMPLS = flags.DEFINE_list("impls", ["pallas_tpu", "xla"], "implementations to compile")
-_STRATEGIES = flags.DEFINE_list("strategies", ["all_gather", "ring"], "with a sequence axis: context-parallel "
+_STRATEGIES = flags.DEFINE_list("strategies", list(CONTEXT_PARALLEL), "with a sequence axis: context-parallel "
                                 "strategies to compile (ring only for the XLA impls)")
 
 
@@ -60,7 +61,7 @@ def main(argv):
     runs = [(impl, None) for impl in _IMPLS.value]
     if cp:
       runs = [(impl, st) for impl in _IMPLS.value for st in _STRATEGIES.value
-              if st == "all_gather" or impl in ("xla", "xla_flash")]
+              if st == "all_gather" or impl in XLA_ATTENTION_IMPLS]
     for impl, strategy in runs:
       kw = {"block_q": _BQ.value, "block_k": _BK.value} if impl.startswith("pallas") else {}
       if strategy:

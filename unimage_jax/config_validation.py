@@ -63,8 +63,8 @@ def _model_errors(m: ml_collections.ConfigDict) -> list[str]:
     errors.append(f"config.model.rms_norm_eps={m.rms_norm_eps} must be positive")
   if m.timestep_shift <= 0:
     errors.append(f"config.model.timestep_shift={m.timestep_shift} must be positive")
-  if m.flow_prediction not in FLOW_PREDICTIONS:
-    errors.append(f"config.model.flow_prediction={m.flow_prediction!r} must be one of {FLOW_PREDICTIONS}")
+  if flow_prediction(m) not in FLOW_PREDICTIONS:
+    errors.append(f"config.model.flow_prediction={flow_prediction(m)!r} must be one of {FLOW_PREDICTIONS}")
   if m.flow_loss not in ("auto",) + FLOW_PREDICTIONS:
     errors.append(f"config.model.flow_loss={m.flow_loss!r} must be one of {('auto',) + FLOW_PREDICTIONS}")
   v = m.vit
@@ -189,7 +189,7 @@ def _sequence_errors(c: ml_collections.ConfigDict) -> list[str]:
   if seq == 0 or seq < -1:
     return [f"config.mesh.sequence={seq} must be positive or -1"]
   errors = []
-  slots = c.data.get("slot_layout", "contiguous")
+  slots = slot_layout(c.data)
   if slots not in SLOT_LAYOUTS:
     errors.append(f"config.data.slot_layout={slots!r} must be one of {SLOT_LAYOUTS}")
   elif slots == "zigzag" and seq == -1:
@@ -254,6 +254,17 @@ def context_parallel(m: ml_collections.ConfigDict) -> str:
   """How rows split over the sequence axis attend (``CONTEXT_PARALLEL``); configs saved before the
   field all-gather."""
   return m.get("context_parallel", "all_gather")
+
+
+def flow_prediction(m: ml_collections.ConfigDict) -> str:
+  """What llm2vae predicts (``FLOW_PREDICTIONS``); configs saved before the field predict the velocity."""
+  return m.get("flow_prediction", "velocity")
+
+
+def slot_layout(d: ml_collections.ConfigDict) -> str:
+  """How ``config.data`` orders a row's slots over the sequence shards (``unimage_jax/slot_layout.py``);
+  configs saved before the field keep them contiguous."""
+  return d.get("slot_layout", "contiguous")
 
 
 def vae_downsample(m: ml_collections.ConfigDict) -> int:

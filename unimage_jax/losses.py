@@ -15,6 +15,7 @@ import ml_collections
 
 from unimage_jax import layout
 from unimage_jax.attention import mesh_context
+from unimage_jax.config_validation import flow_prediction
 from unimage_jax.model import constraints
 
 
@@ -40,7 +41,7 @@ def loss_space(model_cfg: ml_collections.ConfigDict) -> str:
   picture has to come from the context (README, "Diagnosing the keyframes").
   """
   space = model_cfg.get("flow_loss", "auto")
-  return model_cfg.get("flow_prediction", "velocity") if space == "auto" else space
+  return flow_prediction(model_cfg) if space == "auto" else space
 
 
 def noise_latents(rng: jax.Array, batch, max_segments: int, shift: float):

@@ -20,7 +20,8 @@ from unimage_jax.inference.storyboard import DirectorError, Storyboard
 from unimage_jax.script_schema import Script
 
 _TAG = re.compile(r"<(Character|Environment)(\d+)>")
-_DIALOGUE = re.compile(r"(<Character\d+>)\s+says\s+<-(.*?)->")
+_DIALOGUE = re.compile(rf"(<Character\d+>)\s+says\s+{re.escape(script_schema.CUE_OPEN)}(.*?)"
+                       rf"{re.escape(script_schema.CUE_CLOSE)}")
 
 
 def expand_tags(text: str, script: Script) -> str:

@@ -1,7 +1,10 @@
 """Random packed rows for tests and benchmarks: every segment kind, several samples per row.
 
 Samples are drawn so the row exercises the whole layout (text, noised and clean latents, ViT
-images, padding); they are not meant to be learnable data.
+images, padding); they are not meant to be learnable data. Why not ``unimage_jax/testing/layouts.py``'s
+generator: these are whole model inputs (token ids, latents, ViT patches, sized by the config) in the
+order a real story has them, while that one draws metadata-only rows in arbitrary segment orders
+to stress the attention mask.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import ml_collections
 
-from unimage_jax import layout, slot_layout
+from unimage_jax import config_validation, layout, slot_layout
 from unimage_jax.model.unimage import latent_token_dim
 
 # Marker ids used by synthetic samples (any ids < vocab_size work for the model).
@@ -64,5 +67,5 @@ def random_batch(cfg: ml_collections.ConfigDict, seed: int = 0, samples_per_row:
     row = layout.pack_row(samples, sizes, latent_token_dim(m), m.max_latent_grid, m.vit.patch_size**2 * 3,
                           m.vit.max_patches_per_side, d.sqrt_length_loss_weighting)
     rows.append(slot_layout.permute_row(row, max(int(cfg.mesh.get("sequence", 1)), 1),
-                                        d.get("slot_layout", "contiguous")))
+                                        config_validation.slot_layout(d)))
   return layout.stack_rows(rows)

@@ -29,10 +29,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from unimage_jax.attention import mesh_context
 from unimage_jax.attention.dispatch import XLA_IMPLS, attention
+from unimage_jax.choices import CONTEXT_PARALLEL as STRATEGIES
 from unimage_jax.layout import KIND_PAD, TokenMeta
-
-
-STRATEGIES = ("all_gather", "ring")
 
 
 def _axes(entry) -> tuple[str, ...]:

@@ -7,7 +7,6 @@ compiles once per shape and per-token decode cost does not depend on how much co
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp

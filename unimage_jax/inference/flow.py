@@ -19,9 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from unimage_jax.choices import RENORM_TYPES
 from unimage_jax.losses import shift_timestep
-
-RENORM_TYPES = ("global", "channel", "text_channel")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from unimage_jax import pixel_codec
+from unimage_jax.choices import AUTOENCODERS
 from unimage_jax.config_validation import latent_downsample
 from unimage_jax.errors import UserError
 from unimage_jax.images import resize
@@ -75,5 +76,5 @@ def for_config(config: ml_collections.ConfigDict, vae=None) -> ImageCodec:
     vae = vae if vae is not None else load_vae(config)
     return VaeCodec(store.Codec(vae, m.latent_patch_size, batch=1), size, latent_downsample(m))
   if m.autoencoder != "pixel":
-    raise DirectorError(f"config.model.autoencoder={m.autoencoder!r} must be 'pixel' or 'flux_vae'")
+    raise DirectorError(f"config.model.autoencoder={m.autoencoder!r} must be {' or '.join(map(repr, AUTOENCODERS))}")
   return PixelCodec(size, latent_downsample(m), m.latent_patch_size)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unimage_jax.script_schema import LINE_RE, TAG_RE
-
-_KINDS = ("Prompt", "Character", "Environment", "Frame", "Video")
+from unimage_jax.script_schema import LINE_RE, TAG_KINDS, TAG_RE
 
 
 def defined_counts(text: str) -> tuple[int, int]:
@@ -40,7 +38,7 @@ def banned_after_keyframe(special_ids: dict[str, int], vocab_size: int, characte
   banned = np.zeros(vocab_size, bool)
   for symbol, token in special_ids.items():
     m = TAG_RE.fullmatch(symbol)
-    if m is None or m.group(1) not in _KINDS or token >= vocab_size:
+    if m is None or m.group(1) not in TAG_KINDS or token >= vocab_size:
       continue
     kind, num = m.group(1), int(m.group(2) or 0)
     allowed = num <= limit[kind] if kind in limit else (kind == "Frame" and num == next_frame)

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from unimage_jax.config_validation import latent_downsample
+from unimage_jax.config_validation import flow_prediction, latent_downsample
 from unimage_jax.vae.flux_vae import FLUX_SCALE, FLUX_SHIFT
 
 LLM_CONFIG = "llm_config.json"
@@ -89,7 +89,7 @@ def vae_config(m: ml_collections.ConfigDict) -> dict[str, Any]:
       "timestep_shift": m.timestep_shift,
       # "x0": llm2vae predicts the clean latent (velocity = (x_t - x0) / max(t, 0.05)); BAGEL's own
       # code reads llm2vae as the velocity, so it serves only "velocity" checkpoints
-      "flow_prediction": m.get("flow_prediction", "velocity"),
+      "flow_prediction": flow_prediction(m),
       "vit_enabled": bool(m.vit.enabled),
       "vit_max_num_patch_per_side": m.vit.max_patches_per_side,
       "connector_act": "gelu_pytorch_tanh",

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from unimage_jax.config_validation import flow_prediction
 from unimage_jax.layout import TokenMeta, token_meta
 from unimage_jax.model import constraints, layers, row_shards
 from unimage_jax.model.mot import MoTDecoder
@@ -161,7 +162,7 @@ class UniMAGE(nnx.Module):
     guidance) stays in velocity space.
     """
     out = self.llm2vae(h_gen, jnp.dtype(self.cfg.compute_dtype)).astype(jnp.float32)
-    return flow_velocity(out, noisy_latents, timesteps, self.cfg.get("flow_prediction", "velocity"))
+    return flow_velocity(out, noisy_latents, timesteps, flow_prediction(self.cfg))
 
   def __call__(self, batch, noisy_latents: jax.Array, timesteps: jax.Array):
     """Packed row -> (und hidden ``[B, Lu, E]`` after the final norm, velocity ``[B, Lg, Dl]``).

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unimage_jax.attention.sharded import kernel_specs, sharded_attention
+from unimage_jax.choices import XLA_ATTENTION_IMPLS
 from unimage_jax.sharding import batch_axes as _batch_axes, default_rules
 from unimage_jax.layout import TokenMeta
 
@@ -90,7 +91,7 @@ def compile_cp_attention_step(mesh: Mesh, shape: AttentionShape, impl: str, stra
   act, meta_spec = cp_specs((b, l, shape.q_heads, shape.head_dim), default_rules(), mesh)
   args = _abstract_inputs(mesh, shape, act, meta_spec)
 
-  if impl not in ("xla", "xla_flash"):
+  if impl not in XLA_ATTENTION_IMPLS:
     attention_kwargs = dict(attention_kwargs, interpret=False)  # the real kernel for the TPU target
 
   def step(q, k, v, meta):

@@ -2,7 +2,10 @@
 
 Rows are the real two-buffer layout ``[und | gen]``: text, image markers and ViT tokens in the
 und buffer, VAE latents (noised and clean) in the gen buffer, several samples per row, padding at
-the end of each buffer.
+the end of each buffer. Why not ``unimage_jax/synthetic.py``'s generator: that one draws model inputs
+(ids, latents) in a real story's order for the synthetic data source, while this one draws only
+the layout, in any segment order (a noised image without its clean copy, ViT images anywhere), to
+stress the attention mask (the attention tests and benchmarks draw their rows here).
 """
 
 from __future__ import annotations
@@ -104,5 +107,5 @@ def storyworld_row_meta(length: int, shots: int = 4, side: int = 16, prompt: int
   gen_len = length - und_len
   meta = row_meta([story] * n, und_len, gen_len)
   info = {"stories": n, "und_len": und_len, "gen_len": gen_len,
-          "tokens_per_story": su + sg, "padding": int(np.sum(meta.segment_kinds == 0))}
+          "tokens_per_story": su + sg, "padding": int(np.sum(meta.segment_kinds == layout.KIND_PAD))}
   return TokenMeta(*(x[None] for x in meta)), info

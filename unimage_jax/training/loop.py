@@ -16,6 +16,7 @@ from unimage_jax import config_text, sharding
 from unimage_jax import tokenizer as tokenizer_lib
 from unimage_jax.config_validation import ConfigError, validate_config
 from unimage_jax.errors import UserError
+from unimage_jax.interchange import orbax_io
 from unimage_jax.training import checkpointing, data_source, metrics as metrics_lib, profiling, train_setup
 
 
@@ -32,7 +33,6 @@ def _progress(total: int, initial: int):
 
 def _init_from(state, config: ml_collections.ConfigDict, shardings):
   """Starts from another run's params (e.g. stage 2 from stage 1): fresh optimizer, same shapes."""
-  from unimage_jax.interchange import orbax_io
   source = config.train.init_from
   try:
     loaded = orbax_io.load_checkpoint(source, config=config)  # the readers' fallback
@@ -52,7 +52,7 @@ def _init_from(state, config: ml_collections.ConfigDict, shardings):
   return state.replace(params=params, ema=ema, tables=jax.device_put(tables, shardings.tables))
 
 
-def _already_done(workdir: str, step: int, steps: int) -> dict[str, Any]:
+def _already_done(workdir: str, step: int) -> dict[str, Any]:
   """The result of a run whose checkpoint already reached ``config.train.steps``: its last metrics."""
   logging.warning("%s is already at step %d = config.train.steps: nothing to train (raise "
                   "--config.train.steps to continue)", workdir, step)
@@ -180,15 +180,16 @@ def train(config: ml_collections.ConfigDict, *, devices=None) -> dict[str, Any]:
   setup = train_setup.setup_train(config, sharding.make_mesh(config.mesh, devices))
   workdir = config.train.workdir
   # before anything is written: a run its checkpoints cannot continue is refused here
-  checkpointing.check_resume(config, os.path.join(workdir, "checkpoints"))
+  checkpoints = os.path.join(workdir, orbax_io.CHECKPOINTS)
+  checkpointing.check_resume(config, checkpoints)
   data = data_source.make_data_iterator(config, setup.mesh)  # builds the default data on first use
   _write_run_files(config)  # only once the data and tokenizer are known to be good
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config)
+  ckpt = checkpointing.Checkpointer(checkpoints, config)
   ckpt.install_sigterm_handler()
   state, start = _restore_or_init(setup, ckpt, data)
   if start >= config.train.steps:  # only a restored run can be there (validate_config: steps > 0)
     ckpt.close()
-    return _already_done(workdir, start, config.train.steps)
+    return _already_done(workdir, start)
   return _run_steps(setup, _compile(setup, state), state, start, data, ckpt)
 
 
