@@ -17,12 +17,14 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from data_pipelines import pipeline  # noqa: E402
+from data_pipelines.sequence_plan import TASKS  # noqa: E402
 from data_pipelines.throughput import bench  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config file.")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 40, "Batches timed per setting (after 2 warm-up).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Worker-process counts to compare.")
-_TASKS = flags.DEFINE_list("tasks", ["default", "mix"], "Task mixtures: default (config) | mix | interleaved | script | keyframe.")
+_TASKS = flags.DEFINE_list("tasks", ["default", "mix"], "Task mixtures: default (config) | mix (interleaved + script + keyframe) | one task of "
+                             "data_pipelines.sequence_plan.TASKS alone.")
 _UNPACKED = flags.DEFINE_bool("unpacked", True, "Also time one sample per row (0 workers).")
 _TRAIN_STEP = flags.DEFINE_bool("train_step", False, "Also time the model's train step (rows/s).")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed train steps (after 2 warm-up).")
@@ -31,9 +33,9 @@ _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed train steps (after
 def _tasks(config, name: str):
   c = config.copy_and_resolve_references()
   if name == "mix":
-    c.data.tasks.update({"interleaved": 1.0, "script": 1.0, "keyframe": 1.0})
+    c.data.tasks.update({t: float(t in ("interleaved", "script", "keyframe")) for t in TASKS})
   elif name != "default":
-    c.data.tasks.update({t: float(t == name) for t in ("interleaved", "script", "keyframe")})
+    c.data.tasks.update({t: float(t == name) for t in TASKS})
   return c
 
 
