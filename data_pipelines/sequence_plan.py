@@ -238,9 +238,7 @@ class Planner:
     clean copy: nothing would see it). The opening shot is fully determined by the header and
     its frame line, so these short samples teach the image tokens to read the cast and place
     lines without the history that later shots also need."""
-    del rng
-    if not frames:
-      raise ValueError(f"the story {script.prompt[:40]!r} has no keyframe for its opening shot")
+    del rng  # plan() checked one keyframe per shot, and a valid script has a shot
     segs = [self._first_text(script)] + [self._image(frames[0], True)] * self.cfg.noised_copies
     return self._fitting([segs], f"the opening shot of {script.prompt[:40]!r}")
 

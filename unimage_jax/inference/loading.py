@@ -39,7 +39,7 @@ def load(workdir: str, step: int | None, use_ema: bool) -> tuple[orbax_io.Loaded
   except UserError as e:
     raise DirectorError(str(e)) from e
   if "inference" not in loaded.config:
-    loaded.config.inference = base_config().inference
+    loaded.config.inference = _DEFAULT_INFERENCE.copy_and_resolve_references()
   try:
     tok = tokenizer_lib.load_tokenizer(find_tokenizer(workdir, loaded.config),
                                        max_vocab_size=loaded.config.model.vocab_size)

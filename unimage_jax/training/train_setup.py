@@ -35,8 +35,12 @@ class TrainSetup:
   abstract: state_lib.TrainState  # ShapeDtypeStructs of every leaf
   shardings: state_lib.TrainState  # NamedShardings of every leaf
   batch_spec: dict[str, jax.ShapeDtypeStruct]  # the global batch, with its shardings
-  batch_shardings: dict[str, NamedSharding]  # field -> the sharding the step takes it in
   step: Callable  # jitted (state, batch) -> (state, metrics); the old state is donated
+
+  @property
+  def batch_shardings(self) -> dict[str, NamedSharding]:
+    """Field -> the sharding the step takes it in (read off :attr:`batch_spec`)."""
+    return _shardings_of(self.batch_spec)
 
   def state_spec(self) -> state_lib.TrainState:
     """The abstract state with its shardings: lowers the step with no state allocated (AOT)."""
@@ -53,6 +57,10 @@ class TrainSetup:
       return self.step.lower(state, self.batch_spec).compile()
 
 
+def _shardings_of(spec: dict[str, jax.ShapeDtypeStruct]) -> dict[str, NamedSharding]:
+  return {k: v.sharding for k, v in spec.items()}
+
+
 def setup_train(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainSetup:
   """Checks the mesh against the config (ConfigError naming the fields) and builds the setup."""
   sharding.check_mesh_compatible(config, mesh)
@@ -61,6 +69,6 @@ def setup_train(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainSetup:
   abstract = state_lib.abstract_state(config, mdef, optimizer)
   shardings = state_lib.state_shardings(config, mdef, abstract, mesh)
   batch_spec = data_source.batch_spec(config, mesh)
-  batch_shardings = {k: v.sharding for k, v in batch_spec.items()}
-  step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, optimizer), shardings, batch_shardings)
-  return TrainSetup(config, mesh, mdef, optimizer, abstract, shardings, batch_spec, batch_shardings, step)
+  step = step_lib.jit_train_step(step_lib.make_train_step(config, mdef, optimizer), shardings,
+                                 _shardings_of(batch_spec))
+  return TrainSetup(config, mesh, mdef, optimizer, abstract, shardings, batch_spec, step)
