@@ -28,7 +28,7 @@ def get_config(stage: str = "stage1"):
   # no EMA: on the main job's checkpoint the raw params draw better than an EMA at 0.99 (place
   # 0.31 -> 0.40, identity 0.45 -> 0.55 on 20 held-out prompts; README, "Diagnosing")
   c.optim.update(learning_rate=3e-3, ema_decay=0.0)
-  # 1,500 steps: ~10 minutes of the main job's 15 on 2 cores (900 steps used half the budget;
+  # 1,500 steps: ~11 of the main job's 12.6 minutes on 2 cores (900 steps used half the budget;
   # README, "Diagnosing the keyframes": the same recipe at 900 and 1,500 steps)
   c.train.update(steps=1500, log_every=20, checkpoint_every=300)
   # 2 sampler timesteps (one Euler step from t = 1: the model's clean-image estimate from the
