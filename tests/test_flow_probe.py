@@ -1,10 +1,15 @@
-"""The flow probe's place-by-story-places read (tools/diagnose_flow.py), on a small random model."""
+"""The flow probe's reads (tools/diagnose_flow.py), on a small random model and scripted velocities."""
+
+import re
+
+import numpy as np
 
 import data_fixtures
 from data_pipelines.sequence_plan import PlanConfig, Planner
 from unimage_jax.director import Director
 from unimage_jax.evaluation.flow_probe import FlowProbe
 from unimage_jax.evaluation.heldout import validation_records
+from unimage_jax.layout import TextSegment
 from unimage_jax.model import functional
 from unimage_jax.tokenizer import Tokenizer
 
@@ -33,3 +38,37 @@ def test_place_by_story_places_reads_the_implied_clean_image():
   probe.velocity_of = lambda row, t, eps, **kw: (eps + 1.0, eps)  # x0 = x_t - v = -1: black
   out = probe.place_by_story_places(records, "interleaved", director.codec.decode, shots_per_story=2)
   assert all(acc == 0.0 for acc, _ in out.values()), out
+
+
+def test_frame_line_reads_move_only_with_what_the_model_reads():
+  c = data_fixtures.tiny_config()
+  c.model.update(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
+  params, tables = functional.init_params(c.model, 0)
+  director = Director(c, params, tables, Tokenizer(c.data.tokenizer_path, c.model.vocab_size))
+  records = validation_records(c, 6)
+  probe = FlowProbe(director.engine.mdef, params, tables, c, Planner(PlanConfig.from_config(c), director.tok))
+  shots = lambda r: r["script"].shots[:8]
+  want_place = sum(len(shots(r)) for r in records if len(r["script"].environments) > 1)
+  want_subject = sum(1 for r in records if len(r["script"].characters) > 1 for s in shots(r)
+                     if len(set(re.findall(r"<Character\d+>", s.frame))) == 1)
+  tag = {name: director.tok.encode(name)[-1] for name in ("<Environment2>", "<Character2>")}
+
+  def reading(token_id):
+    """A model whose picture is bright where the row holds ``token_id`` often, dark otherwise."""
+    def velocity_of(row, t, eps, read_t=None, shuffle=None):
+      ids = np.concatenate([s.token_ids for s in row.segments if isinstance(s, TextSegment)])
+      x0 = np.full_like(row.target, np.count_nonzero(ids == token_id) / 4.0 - 1.0)
+      x_t = (1.0 - t) * x0 + t * eps
+      return (x_t - x0) / t, x_t
+    return velocity_of
+
+  probe.velocity_of = reading(-1)  # reads nothing: no change moves its picture
+  out = probe.frame_line_reads(records, "interleaved", director.codec.decode)
+  assert out["place_tag"] == (0.0, want_place) and out["subject_tag"] == (0.0, want_subject), out
+  assert out["cast_colours"][0] == 0.0
+  probe.velocity_of = reading(tag["<Environment2>"])  # reads the place tags only
+  out = probe.frame_line_reads(records, "interleaved", director.codec.decode)
+  assert out["place_tag"][0] > 0.0 and out["subject_tag"][0] == 0.0, out
+  probe.velocity_of = reading(tag["<Character2>"])  # reads the character tags only
+  out = probe.frame_line_reads(records, "interleaved", director.codec.decode)
+  assert out["subject_tag"][0] > 0.0 and out["place_tag"][0] == 0.0, out

@@ -5,7 +5,9 @@
 For held-out StoryWorld stories it noises the true keyframes, reads the velocity under the true
 context and under changed ones (another story's text, no earlier keyframes, shuffled latent
 positions, the wrong timestep), and prints how much the velocity moves and how far the implied
-clean image ``x_t - t v`` is from the truth (``unimage_jax/evaluation/flow_probe.py``).
+clean image ``x_t - t v`` is from the truth (``unimage_jax/evaluation/flow_probe.py``). Then the
+place the context alone draws, and how far that picture moves when the frame line's place tag,
+its subject tag or the cast's colours change.
 A model whose image tokens ignore their context shows changes near 0 for ``other_text``.
 """
 
@@ -52,6 +54,11 @@ def main(argv):
   print("| places in the story | place accuracy | shots |\n|---|---|---|")
   for n, (acc, shots) in by_places.items():
     print(f"| {n} | {acc:.3f} | {shots} |")
+  reads = probe.frame_line_reads(records, task, director.codec.decode)
+  print("\nwhat the picture drawn by the context alone reads (mean |pixel change|, 0-255, when one thing changes):")
+  print("| change | pixel change | shots |\n|---|---|---|")
+  for name, (change, shots) in reads.items():
+    print(f"| {name} | {change:.2f} | {shots} |")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Everything runs through the training forward pass (one packed row per probe, one
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Sequence
 
 import jax
@@ -179,6 +180,57 @@ class FlowProbe:
         want = truth["places"][truth["shots"][int(k) - 1]["env"]]
         hits.setdefault(len(truth["places"]), []).append(detector.detect_place(decode(x_t - v)) == want)
     return {n: (float(np.mean(h)), len(h)) for n, h in sorted(hits.items())}
+
+  def frame_line_reads(self, records: Sequence[dict[str, Any]], task: str, decode, max_shot: int = 8,
+                       seed: int = 0) -> dict[str, tuple[float, int]]:
+    """How much the picture drawn by the context alone (implied x0 at ``t = 1``, uint8 pixels)
+    moves when one thing in the script changes: ``{change: (mean |pixel change|, shots)}``.
+
+    * ``place_tag``: the frame line's ``<EnvironmentK>`` swapped for another of the story's places;
+    * ``subject_tag``: in a shot whose frame line names one character, its ``<CharacterK>``
+      swapped for another cast member (a medium shot or close-up: the subject fills the frame);
+    * ``cast_colours``: every cast line's colour word replaced by another colour.
+
+    Why: the place and the subject are the same two-read lookup (a frame-line tag, then the
+    words of that tag's line), so a model that moves with ``place_tag`` and not with
+    ``subject_tag`` can read the lookup but has not learned it for characters.
+    """
+    from data_pipelines.storyworld import cast as cast_lib
+    colours = list(cast_lib.COLOURS)
+    rng = np.random.default_rng(seed)
+    changes: dict[str, list[float]] = {"place_tag": [], "subject_tag": [], "cast_colours": []}
+
+    def picture(record, script, k: int, eps) -> np.ndarray:
+      probe = _fit_row(probe_segments(self.planner, {**record, "script": script}, record, k, task, "full"), self.sizes)
+      v, x_t = self.velocity_of(probe, 1.0, eps)
+      return decode(x_t - v).astype(np.float32)
+
+    def with_frame(script, k: int, old: str, new: str):
+      shots = list(script.shots)
+      shots[k - 1] = dataclasses.replace(shots[k - 1], frame=shots[k - 1].frame.replace(old, new))
+      return dataclasses.replace(script, shots=shots)
+
+    for record in records:
+      script, truth = record["script"], record["ground_truth"]
+      recoloured = dataclasses.replace(script, characters=[
+          line.replace(f" {c['colour']} ", f" {colours[(colours.index(c['colour']) + 3) % len(colours)]} ", 1)
+          for line, c in zip(script.characters, truth["cast"])])
+      for k in range(1, min(max_shot, len(script.shots)) + 1):
+        eps = rng.standard_normal((self.grid_tokens(record), self.latent_dim)).astype(np.float32)
+        base = picture(record, script, k, eps)
+        shot = truth["shots"][k - 1]
+        n_env, n_cast = len(script.environments), len(script.characters)
+        if n_env > 1:
+          env = shot["env"] + 1
+          changed = with_frame(script, k, f"<Environment{env}>", f"<Environment{env % n_env + 1}>")
+          changes["place_tag"].append(float(np.abs(picture(record, changed, k, eps) - base).mean()))
+        tags = set(re.findall(r"<Character\d+>", script.shots[k - 1].frame))
+        if n_cast > 1 and len(tags) == 1:
+          subject = int(tags.pop()[len("<Character"):-1])
+          changed = with_frame(script, k, f"<Character{subject}>", f"<Character{subject % n_cast + 1}>")
+          changes["subject_tag"].append(float(np.abs(picture(record, changed, k, eps) - base).mean()))
+        changes["cast_colours"].append(float(np.abs(picture(record, recoloured, k, eps) - base).mean()))
+    return {name: (float(np.mean(c)) if c else float("nan"), len(c)) for name, c in changes.items()}
 
   def grid_tokens(self, record) -> int:
     return len(self.planner._image(record["keyframes"][0], noised=True).latents)
