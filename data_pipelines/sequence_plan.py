@@ -28,6 +28,10 @@ use to fill a row's tail (``packing.FirstFitPacker``). A cut script continuation
   the prompt's names and places into the ``<CharacterN>`` / ``<EnvironmentN>`` lines is a small
   share of a story's tokens; at weight 1.0 these samples give it 1.5x the examples per step for
   13% of the gen slots (README, "Diagnosing the keyframes").
+* ``opening`` (stage 1): that first text (trained) and the noised copies of keyframe 1.
+* ``subject`` (stage 1, gen expert): [header + the frame line of a single-character shot (no
+  loss)] [its noised copies]; ``data.subject_alone`` is the share that keep only the subject's
+  cast line.
 
 Text lines are encoded one by one (``line + "\\n"``) so a prefix of a script always has the same
 tokens as the whole script's prefix; the director encodes the same way (``unimage_jax/prompt_layout.py``
@@ -37,6 +41,7 @@ holds the layout both use).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -51,7 +56,8 @@ from unimage_jax.pixel_codec import image_to_tokens
 from unimage_jax.script_schema import Script, frame_line, header_lines, prompt_line, video_line
 from unimage_jax.tokenizer import Tokenizer
 
-TASKS = ("interleaved", "script", "keyframe", "header", "opening")
+_CHARACTER_TAG = re.compile(r"<Character\d+>")
+TASKS = ("interleaved", "script", "keyframe", "header", "opening", "subject")
 
 
 class SampleTooLargeError(UserError, ValueError):
@@ -77,6 +83,7 @@ class PlanConfig:
   vae_cond_dropout: float
   use_vit_context: bool
   noised_copies: int = 1  # interleaved task: noised copies per keyframe (independent t and noise)
+  subject_alone: float = 0.0  # subject task: probability of keeping only the subject's cast line
 
   @classmethod
   def from_config(cls, config) -> "PlanConfig":
@@ -86,6 +93,8 @@ class PlanConfig:
                         f"{3 * m.pixel_downsample ** 2} for the pixel codec")
     if m.autoencoder not in AUTOENCODERS:
       raise ConfigError(f"config.model.autoencoder={m.autoencoder!r} must be {' or '.join(map(repr, AUTOENCODERS))}")
+    if not 0.0 <= float(d.get("subject_alone", 0.0)) <= 1.0:
+      raise ConfigError(f"config.data.subject_alone={d.subject_alone} must be a share in [0, 1]")
     weights = tuple((t, float(d.tasks[t])) for t in TASKS if t in d.tasks and float(d.tasks[t]) > 0)
     unknown = set(d.tasks.keys()) - set(TASKS)
     if unknown or not weights:
@@ -98,6 +107,7 @@ class PlanConfig:
         precontext_split_prob=d.precontext_split_prob, text_cond_dropout=d.text_cond_dropout,
         vit_cond_dropout=d.vit_cond_dropout, vae_cond_dropout=d.vae_cond_dropout,
         use_vit_context=bool(d.use_vit_context), noised_copies=int(d.noised_copies),
+        subject_alone=float(d.get("subject_alone", 0.0)),
     )
 
 
@@ -199,7 +209,7 @@ class Planner:
       raise ValueError(f"story {record['story_id']}: {len(frames)} keyframes for {len(script.shots)} shots")
     self._cache: dict[str, list[int]] = {}
     build = {"interleaved": self.interleaved, "script": self.script, "keyframe": self.keyframe,
-             "header": self.header, "opening": self.opening}[task]
+             "header": self.header, "opening": self.opening, "subject": self.subject}[task]
     return Sample(task, record["story_id"], build(script, frames, rng))
 
   def interleaved(self, script: Script, frames: list[np.ndarray], rng: np.random.Generator):
@@ -241,6 +251,22 @@ class Planner:
     del rng  # plan() checked one keyframe per shot, and a valid script has a shot
     segs = [self._first_text(script)] + [self._image(frames[0], True)] * self.cfg.noised_copies
     return self._fitting([segs], f"the opening shot of {script.prompt[:40]!r}")
+
+  def subject(self, script: Script, frames, rng: np.random.Generator):
+    """[header + the frame line of one shot (context, no loss)] [its noised copies]: a shot whose
+    frame line names one character (a medium shot or close-up in StoryWorld), drawn at random.
+    Its picture is the named subject in the middle of the frame, which only the subject's
+    character line can say: with no earlier keyframe to copy, the image tokens must resolve the
+    frame line's ``<CharacterK>`` through the K-th cast line (README, "Diagnosing the keyframes")."""
+    single = [k for k, shot in enumerate(script.shots, start=1) if len(set(_CHARACTER_TAG.findall(shot.frame))) == 1]
+    k = int(rng.choice(single)) if single else int(rng.integers(1, len(script.shots) + 1))
+    header = header_lines(script)
+    if rng.random() < self.cfg.subject_alone:  # only the subject's own cast line: its look is the one description
+      tag = _CHARACTER_TAG.findall(script.shots[k - 1].frame)[0]
+      header = [line for line in header if not _CHARACTER_TAG.match(line) or line.startswith(tag + ":")]
+    segs = [self._text(header + [frame_line(script, k)], False)]
+    segs += [self._image(frames[k - 1], True)] * self.cfg.noised_copies
+    return self._fitting([segs], f"shot {k} of {script.prompt[:40]!r} after the header")
 
   def script(self, script: Script, frames, rng: np.random.Generator):
     """Variants: the continuation cut after shot ``end``, end = K .. first continued shot."""

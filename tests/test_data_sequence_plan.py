@@ -1,5 +1,7 @@
 """Task plans: the segment layouts of docs/ARCHITECTURE.md §4, cuts, dropout and size errors."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from data_pipelines.builders.storyworld import story_for
 from data_pipelines.storyworld import render_story
 from unimage_jax import layout, pixel_codec
 from unimage_jax.layout import TextSegment, VitSegment
+from unimage_jax.script_schema import header_lines
 from unimage_jax.tokenizer import Tokenizer
 
 
@@ -49,6 +52,47 @@ def test_opening_task_is_the_first_text_and_noised_copies_of_keyframe_1():
   tokens, _, _ = pixel_codec.image_to_tokens(rec["keyframes"][0], 4, 2)
   for seg in opening[1:]:
     np.testing.assert_array_equal(seg.latents, tokens)
+
+
+def test_subject_task_is_the_header_one_single_character_frame_line_and_its_noised_copies():
+  p, _ = _planner(noised_copies=2)
+  rec = _record(5)
+  script = rec["script"]
+  single = {k for k, shot in enumerate(script.shots, start=1) if len(set(re.findall(r"<Character\d+>", shot.frame))) == 1}
+  assert single, "story 5 must have a single-character shot for this test"
+  seen = set()
+  for seed in range(12):
+    segs = p.plan(rec, np.random.default_rng(seed), "subject").segments
+    assert _kinds(segs) == ["T", "N", "N"] and not segs[0].train  # context only: no text loss
+    text = p.tok.decode(segs[0].token_ids.tolist())
+    k = int(re.findall(r"<Frame(\d+)>", text)[-1])
+    assert k in single and text.count("<Frame") == 1
+    assert all(line in text for line in header_lines(script))
+    tokens, _, _ = pixel_codec.image_to_tokens(rec["keyframes"][k - 1], 4, 2)
+    for seg in segs[1:]:
+      np.testing.assert_array_equal(seg.latents, tokens)
+    seen.add(k)
+  assert len(seen) > 1 or len(single) == 1  # drawn among the single-character shots
+
+
+def test_subject_task_alone_keeps_only_the_subjects_cast_line():
+  p, _ = _planner(noised_copies=1, subject_alone=1.0)
+  rec = _record(5)
+  for seed in range(6):
+    segs = p.plan(rec, np.random.default_rng(seed), "subject").segments
+    text = p.tok.decode(segs[0].token_ids.tolist())
+    frame = text[text.index("<Frame"):]
+    (subject,) = set(re.findall(r"<Character\d+>", frame))
+    cast_lines = re.findall(r"<Character\d+>:", text)
+    assert cast_lines == [subject + ":"]  # the subject's own line, no other character's
+    assert all(f"<Environment{i}>:" in text for i in range(1, len(rec["script"].environments) + 1))
+
+
+def test_subject_alone_outside_0_1_is_a_config_error():
+  from unimage_jax.config_validation import ConfigError
+  c = data_fixtures.tiny_config(subject_alone=1.5)
+  with pytest.raises(ConfigError, match="config.data.subject_alone"):
+    PlanConfig.from_config(c)
 
 
 def test_interleaved_layout():

@@ -95,7 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
   # task mixture (stage 1: interleaved, optionally header; stage 2: script + keyframe). Weights
   # are per story drawn; header samples are the interleaved layout's first text alone
   d.tasks = ml_collections.ConfigDict({"interleaved": 1.0, "script": 0.0, "keyframe": 0.0, "header": 0.0,
-                                      "opening": 0.0})
+                                      "opening": 0.0, "subject": 0.0})
+  d.subject_alone = 0.0  # subject task: probability that the subject's cast line is the only one
   d.precontext_split_prob = 0.5
   d.text_cond_dropout = 0.1
   d.vit_cond_dropout = 0.3
@@ -233,7 +234,7 @@ def apply_stage(c: ml_collections.ConfigDict, stage: str) -> ml_collections.Conf
     raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES} (e.g. --config=configs/tiny.py:stage2)")
   if stage == "stage2":
     before = config_text.flatten(c)
-    c.data.tasks.update(interleaved=0.0, script=0.5, keyframe=0.5, header=0.0, opening=0.0)
+    c.data.tasks.update(interleaved=0.0, script=0.5, keyframe=0.5, header=0.0, opening=0.0, subject=0.0)
     total = c.data.und_len + c.data.gen_len
     c.data.gen_len = max(c.data.gen_len // 2, 1)
     c.data.und_len = total - c.data.gen_len
