@@ -216,6 +216,11 @@ def test_prompt_adherence():
       "prompt_names": None, "prompt_places": None, "prompt_count": None}
   avg = metrics.average([metrics.score_story(x)])
   assert avg["prompt_names"] == 1.0 and "cast = prompt names" in evaluate.comparison_table({"gt": avg})
+  # a generated cast line with no name (no comma before its traits) is a mismatch, not a crash
+  nameless = x.raw_text.replace(f"{names[0]}, ", f"{names[0]} ", 1)
+  sem = script_semantics.interpret(ss.parse(nameless))
+  assert None in [t.name for t in sem.cast]
+  assert metrics.prompt_adherence(x.prompt, sem)["prompt_names"] == 0.0
 
 
 # ---------------------------------------------------------------------------- the tool

@@ -153,7 +153,8 @@ def prompt_adherence(prompt: str, sem: script_semantics.Semantics) -> dict[str, 
   cast_names = [t.name for t in sem.cast]
   script_places = [p.name if p is not None else None for p in sem.places]
   return {
-      "prompt_names": float(sorted(cast_names) == sorted(names)) if names else None,
+      # a cast line without a name (no comma) reads as None: a mismatch, not a crash
+      "prompt_names": float(sorted(cast_names, key=str) == sorted(names)) if names else None,
       "prompt_places": float(sorted(script_places, key=str) == sorted(places)) if places else None,
       "prompt_count": float(len(cast_names) == len(names)) if names else None,
   }
