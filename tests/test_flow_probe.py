@@ -14,13 +14,19 @@ from unimage_jax.model import functional
 from unimage_jax.tokenizer import Tokenizer
 
 
-def test_place_by_story_places_reads_the_implied_clean_image():
+def _random_model_probe():
+  """(director, 6 held-out records, probe) of a small random model."""
   c = data_fixtures.tiny_config()
   c.model.update(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
   params, tables = functional.init_params(c.model, 0)
   director = Director(c, params, tables, Tokenizer(c.data.tokenizer_path, c.model.vocab_size))
   records = validation_records(c, 6)
   probe = FlowProbe(director.engine.mdef, params, tables, c, Planner(PlanConfig.from_config(c), director.tok))
+  return director, records, probe
+
+
+def test_place_by_story_places_reads_the_implied_clean_image():
+  director, records, probe = _random_model_probe()
   # the random model's own velocities: it runs, and every probed shot is counted once
   out = probe.place_by_story_places(records, "interleaved", director.codec.decode, shots_per_story=2)
   assert sum(n for _, n in out.values()) == sum(min(2, len(r["script"].shots)) for r in records)
@@ -41,12 +47,7 @@ def test_place_by_story_places_reads_the_implied_clean_image():
 
 
 def test_frame_line_reads_move_only_with_what_the_model_reads():
-  c = data_fixtures.tiny_config()
-  c.model.update(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
-  params, tables = functional.init_params(c.model, 0)
-  director = Director(c, params, tables, Tokenizer(c.data.tokenizer_path, c.model.vocab_size))
-  records = validation_records(c, 6)
-  probe = FlowProbe(director.engine.mdef, params, tables, c, Planner(PlanConfig.from_config(c), director.tok))
+  director, records, probe = _random_model_probe()
   shots = lambda r: r["script"].shots[:8]
   want_place = sum(len(shots(r)) for r in records if len(r["script"].environments) > 1)
   want_subject = sum(1 for r in records if len(r["script"].characters) > 1 for s in shots(r)
