@@ -41,7 +41,6 @@ holds the layout both use).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -53,10 +52,9 @@ from unimage_jax.errors import UserError
 from unimage_jax.images import resize, vit_patches
 from unimage_jax.layout import BufferSizes, ImageSegment, TextSegment, VitSegment
 from unimage_jax.pixel_codec import image_to_tokens
-from unimage_jax.script_schema import Script, frame_line, header_lines, prompt_line, video_line
+from unimage_jax.script_schema import Script, frame_line, header_lines, prompt_line, referenced, video_line
 from unimage_jax.tokenizer import Tokenizer
 
-_CHARACTER_TAG = re.compile(r"<Character\d+>")
 TASKS = ("interleaved", "script", "keyframe", "header", "opening", "subject")
 
 
@@ -258,12 +256,13 @@ class Planner:
     Its picture is the named subject in the middle of the frame, which only the subject's
     character line can say: with no earlier keyframe to copy, the image tokens must resolve the
     frame line's ``<CharacterK>`` through the K-th cast line (README, "Diagnosing the keyframes")."""
-    single = [k for k, shot in enumerate(script.shots, start=1) if len(set(_CHARACTER_TAG.findall(shot.frame))) == 1]
+    single = [k for k, shot in enumerate(script.shots, start=1) if len(referenced(shot.frame, "Character")) == 1]
     k = int(rng.choice(single)) if single else int(rng.integers(1, len(script.shots) + 1))
     header = header_lines(script)
-    if rng.random() < self.cfg.subject_alone:  # only the subject's own cast line: its look is the one description
-      tag = _CHARACTER_TAG.findall(script.shots[k - 1].frame)[0]
-      header = [line for line in header if not _CHARACTER_TAG.match(line) or line.startswith(tag + ":")]
+    cast = referenced(script.shots[k - 1].frame, "Character")
+    if cast and rng.random() < self.cfg.subject_alone:  # only the subject's own cast line: its look is the one description
+      own = f"<Character{cast[0]}>:"
+      header = [line for line in header if not line.startswith("<Character") or line.startswith(own)]
     segs = [self._text(header + [frame_line(script, k)], False)]
     segs += [self._image(frames[k - 1], True)] * self.cfg.noised_copies
     return self._fitting([segs], f"shot {k} of {script.prompt[:40]!r} after the header")

@@ -11,7 +11,7 @@ from data_pipelines.builders.storyworld import story_for
 from data_pipelines.storyworld import render_story
 from unimage_jax import layout, pixel_codec
 from unimage_jax.layout import TextSegment, VitSegment
-from unimage_jax.script_schema import header_lines
+from unimage_jax.script_schema import header_lines, referenced
 from unimage_jax.tokenizer import Tokenizer
 
 
@@ -58,7 +58,7 @@ def test_subject_task_is_the_header_one_single_character_frame_line_and_its_nois
   p, _ = _planner(noised_copies=2)
   rec = _record(5)
   script = rec["script"]
-  single = {k for k, shot in enumerate(script.shots, start=1) if len(set(re.findall(r"<Character\d+>", shot.frame))) == 1}
+  single = {k for k, shot in enumerate(script.shots, start=1) if len(referenced(shot.frame, "Character")) == 1}
   assert single, "story 5 must have a single-character shot for this test"
   seen = set()
   for seed in range(12):

@@ -1,7 +1,5 @@
 """The flow probe's reads (tools/diagnose_flow.py), on a small random model and scripted velocities."""
 
-import re
-
 import numpy as np
 
 import data_fixtures
@@ -10,6 +8,7 @@ from unimage_jax.director import Director
 from unimage_jax.evaluation.flow_probe import FlowProbe
 from unimage_jax.evaluation.heldout import validation_records
 from unimage_jax.layout import TextSegment
+from unimage_jax.script_schema import referenced
 from unimage_jax.model import functional
 from unimage_jax.tokenizer import Tokenizer
 
@@ -51,7 +50,7 @@ def test_frame_line_reads_move_only_with_what_the_model_reads():
   shots = lambda r: r["script"].shots[:8]
   want_place = sum(len(shots(r)) for r in records if len(r["script"].environments) > 1)
   want_subject = sum(1 for r in records if len(r["script"].characters) > 1 for s in shots(r)
-                     if len(set(re.findall(r"<Character\d+>", s.frame))) == 1)
+                     if len(referenced(s.frame, "Character")) == 1)
   tag = {name: director.tok.encode(name)[-1] for name in ("<Environment2>", "<Character2>")}
 
   def reading(token_id):

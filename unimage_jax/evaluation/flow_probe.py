@@ -22,7 +22,6 @@ Everything runs through the training forward pass (one packed row per probe, one
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Sequence
 
 import jax
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unimage_jax import layout
-from unimage_jax.script_schema import frame_line, header_lines, video_line
+from unimage_jax.script_schema import frame_line, header_lines, referenced, video_line
 
 VARIANTS = ("full", "other_text", "no_images", "positions", "timestep")
 
@@ -224,9 +223,9 @@ class FlowProbe:
           env = shot["env"] + 1
           changed = with_frame(script, k, f"<Environment{env}>", f"<Environment{env % n_env + 1}>")
           changes["place_tag"].append(float(np.abs(picture(record, changed, k, eps) - base).mean()))
-        tags = set(re.findall(r"<Character\d+>", script.shots[k - 1].frame))
+        tags = referenced(script.shots[k - 1].frame, "Character")
         if n_cast > 1 and len(tags) == 1:
-          subject = int(tags.pop()[len("<Character"):-1])
+          subject = tags[0]
           changed = with_frame(script, k, f"<Character{subject}>", f"<Character{subject % n_cast + 1}>")
           changes["subject_tag"].append(float(np.abs(picture(record, changed, k, eps) - base).mean()))
         changes["cast_colours"].append(float(np.abs(picture(record, recoloured, k, eps) - base).mean()))
