@@ -5,10 +5,10 @@ import numpy as np
 import data_fixtures
 from data_pipelines.sequence_plan import PlanConfig, Planner
 from unimage_jax.director import Director
-from unimage_jax.evaluation.flow_probe import FlowProbe
+from unimage_jax.evaluation.flow_probe import FlowProbe, probe_segments
 from unimage_jax.evaluation.heldout import validation_records
-from unimage_jax.layout import TextSegment
-from unimage_jax.script_schema import referenced
+from unimage_jax.layout import ImageSegment, TextSegment
+from unimage_jax.script_schema import frame_line, referenced
 from unimage_jax.model import functional
 from unimage_jax.tokenizer import Tokenizer
 
@@ -65,10 +65,35 @@ def test_frame_line_reads_move_only_with_what_the_model_reads():
   probe.velocity_of = reading(-1)  # reads nothing: no change moves its picture
   out = probe.frame_line_reads(records, "interleaved", director.codec.decode)
   assert out["place_tag"] == (0.0, want_place) and out["subject_tag"] == (0.0, want_subject), out
-  assert out["cast_colours"][0] == 0.0
+  assert out["cast_colours"][0] == 0.0 and out["noise_draw"][0] == 0.0
   probe.velocity_of = reading(tag["<Environment2>"])  # reads the place tags only
   out = probe.frame_line_reads(records, "interleaved", director.codec.decode)
   assert out["place_tag"][0] > 0.0 and out["subject_tag"][0] == 0.0, out
   probe.velocity_of = reading(tag["<Character2>"])  # reads the character tags only
   out = probe.frame_line_reads(records, "interleaved", director.codec.decode)
   assert out["subject_tag"][0] > 0.0 and out["place_tag"][0] == 0.0, out
+
+
+def test_frame_line_reads_in_the_subject_layout_and_the_noise_draw():
+  director, records, probe = _random_model_probe()
+  record = records[0]
+  segs = probe_segments(probe.planner, record, record, 3, "subject", "full").segments
+  # the header and shot 3's frame line as context (no loss), then the noised target: no other image
+  assert [type(s).__name__ for s in segs] == ["TextSegment", "ImageSegment"]
+  text = director.tok.decode(list(segs[0].token_ids))
+  assert frame_line(record["script"], 3) in text and "<Frame2>" not in text and not segs[0].train
+
+  seen = []
+  def leaky(row, t, eps, read_t=None, shuffle=None):
+    """Reads the character tags only and lets a tenth of the noise through its clean image."""
+    seen.append(sum(isinstance(s, ImageSegment) for s in row.segments))
+    ids = np.concatenate([s.token_ids for s in row.segments if isinstance(s, TextSegment)])
+    x0 = np.full_like(row.target, np.count_nonzero(ids == director.tok.encode("<Character2>")[-1]) / 4.0 - 1.0)
+    x0 = x0 + 0.1 * eps
+    x_t = (1.0 - t) * x0 + t * eps
+    return (x_t - x0) / t, x_t
+  probe.velocity_of = leaky
+  out = probe.frame_line_reads(records, "subject", director.codec.decode)
+  assert set(seen) == {1}  # only the noised target: the subject layout holds no earlier keyframe
+  assert out["subject_tag"][0] > 0.0 and out["place_tag"][0] == 0.0, out
+  assert out["noise_draw"][0] > 0.0 and out["noise_draw"][1] == out["cast_colours"][1], out

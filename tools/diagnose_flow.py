@@ -24,8 +24,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (or its 
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _NUM = flags.DEFINE_integer("num_stories", 8, "Held-out stories to probe.")
 _SHOTS = flags.DEFINE_integer("shots_per_story", 3, "Shots probed per story.")
-_TASK = flags.DEFINE_enum("task", "auto", ["auto", "interleaved", "keyframe"],
-                          "Context layout (auto: the checkpoint's director mode).")
+_TASK = flags.DEFINE_enum("task", "auto", ["auto", "interleaved", "keyframe", "subject"],
+                          "Context layout (auto: the checkpoint's director mode; subject: the header and "
+                          "the shot's frame line alone, the layout of data.tasks.subject).")
 _TIMESTEPS = flags.DEFINE_list("timesteps", ["0.5", "0.9"], "Noise levels t to probe.")
 
 

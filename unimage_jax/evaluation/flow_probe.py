@@ -53,6 +53,8 @@ def context_segments(planner, script, frames: Sequence[np.ndarray], k: int, task
   n = len(text.shots)
   kk = lambda j: min(j, n)
   clean = [planner._image(frames[j - 1], noised=False) for j in range(1, k)]
+  if task == "subject":  # the subject task's layout: the header and this shot's frame line, no image
+    return [planner._text(header_lines(text) + [frame_line(text, kk(k))], False)]
   if task == "interleaved":
     segs: list[layout.Segment] = [planner._text(header_lines(text) + [frame_line(text, 1)], True)]
     for j in range(1, k):
@@ -188,7 +190,9 @@ class FlowProbe:
     * ``place_tag``: the frame line's ``<EnvironmentK>`` swapped for another of the story's places;
     * ``subject_tag``: in a shot whose frame line names one character, its ``<CharacterK>``
       swapped for another cast member (a medium shot or close-up: the subject fills the frame);
-    * ``cast_colours``: every cast line's colour word replaced by another colour.
+    * ``cast_colours``: every cast line's colour word replaced by another colour;
+    * ``noise_draw``: nothing in the script changed, another noise draw (the scale of a read: the
+      clean-image estimate at ``t = 1`` should not depend on the noise at all).
 
     Why: the place and the subject are the same two-read lookup (a frame-line tag, then the
     words of that tag's line), so a model that moves with ``place_tag`` and not with
@@ -197,7 +201,7 @@ class FlowProbe:
     from data_pipelines.storyworld import cast as cast_lib
     colours = list(cast_lib.COLOURS)
     rng = np.random.default_rng(seed)
-    changes: dict[str, list[float]] = {"place_tag": [], "subject_tag": [], "cast_colours": []}
+    changes: dict[str, list[float]] = {"place_tag": [], "subject_tag": [], "cast_colours": [], "noise_draw": []}
 
     def picture(record, script, k: int, eps) -> np.ndarray:
       probe = _fit_row(probe_segments(self.planner, {**record, "script": script}, record, k, task, "full"), self.sizes)
@@ -229,6 +233,8 @@ class FlowProbe:
           changed = with_frame(script, k, f"<Character{subject}>", f"<Character{subject % n_cast + 1}>")
           changes["subject_tag"].append(float(np.abs(picture(record, changed, k, eps) - base).mean()))
         changes["cast_colours"].append(float(np.abs(picture(record, recoloured, k, eps) - base).mean()))
+        other_eps = rng.standard_normal(eps.shape).astype(np.float32)
+        changes["noise_draw"].append(float(np.abs(picture(record, script, k, other_eps) - base).mean()))
     return {name: (float(np.mean(c)) if c else float("nan"), len(c)) for name, c in changes.items()}
 
   def grid_tokens(self, record) -> int:
