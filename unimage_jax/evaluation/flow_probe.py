@@ -201,6 +201,7 @@ class FlowProbe:
     from data_pipelines.storyworld import cast as cast_lib
     colours = list(cast_lib.COLOURS)
     rng = np.random.default_rng(seed)
+    other_noise = np.random.default_rng(seed + 1)  # its own stream: the other rows keep their draws
     changes: dict[str, list[float]] = {"place_tag": [], "subject_tag": [], "cast_colours": [], "noise_draw": []}
 
     def picture(record, script, k: int, eps) -> np.ndarray:
@@ -233,7 +234,7 @@ class FlowProbe:
           changed = with_frame(script, k, f"<Character{subject}>", f"<Character{subject % n_cast + 1}>")
           changes["subject_tag"].append(float(np.abs(picture(record, changed, k, eps) - base).mean()))
         changes["cast_colours"].append(float(np.abs(picture(record, recoloured, k, eps) - base).mean()))
-        other_eps = rng.standard_normal(eps.shape).astype(np.float32)
+        other_eps = other_noise.standard_normal(eps.shape).astype(np.float32)
         changes["noise_draw"].append(float(np.abs(picture(record, script, k, other_eps) - base).mean()))
     return {name: (float(np.mean(c)) if c else float("nan"), len(c)) for name, c in changes.items()}
 
