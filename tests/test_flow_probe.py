@@ -83,12 +83,12 @@ def test_frame_line_reads_in_the_subject_layout_and_the_noise_draw():
   text = director.tok.decode(list(segs[0].token_ids))
   assert frame_line(record["script"], 3) in text and "<Frame2>" not in text and not segs[0].train
 
-  seen = []
+  seen, character2 = [], director.tok.encode("<Character2>")[-1]
   def leaky(row, t, eps, read_t=None, shuffle=None):
     """Reads the character tags only and lets a tenth of the noise through its clean image."""
     seen.append(sum(isinstance(s, ImageSegment) for s in row.segments))
     ids = np.concatenate([s.token_ids for s in row.segments if isinstance(s, TextSegment)])
-    x0 = np.full_like(row.target, np.count_nonzero(ids == director.tok.encode("<Character2>")[-1]) / 4.0 - 1.0)
+    x0 = np.full_like(row.target, np.count_nonzero(ids == character2) / 4.0 - 1.0)
     x0 = x0 + 0.1 * eps
     x_t = (1.0 - t) * x0 + t * eps
     return (x_t - x0) / t, x_t

@@ -52,9 +52,9 @@ def context_segments(planner, script, frames: Sequence[np.ndarray], k: int, task
   text = script if text_from is None else text_from
   n = len(text.shots)
   kk = lambda j: min(j, n)
-  clean = [planner._image(frames[j - 1], noised=False) for j in range(1, k)]
   if task == "subject":  # the subject task's layout: the header and this shot's frame line, no image
     return [planner._text(header_lines(text) + [frame_line(text, kk(k))], False)]
+  clean = [planner._image(frames[j - 1], noised=False) for j in range(1, k)]
   if task == "interleaved":
     segs: list[layout.Segment] = [planner._text(header_lines(text) + [frame_line(text, 1)], True)]
     for j in range(1, k):
