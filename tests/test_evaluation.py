@@ -141,6 +141,7 @@ def test_ground_truth_scores_near_one_and_corruptions_score_lower():
   print("ground truth 32px", gt32)
   for name in metrics.METRICS:
     assert gt32[name] >= 0.93, (name, gt32)
+  assert gt["characters_drawn"] >= 0.97 and gt32["characters_drawn"] >= 0.93, (gt, gt32)
 
   # keyframes of other stories
   others = _inputs(64, 10, seed=6)
@@ -171,6 +172,7 @@ def test_ground_truth_scores_near_one_and_corruptions_score_lower():
   rc = _avg([recolour(x) for x in clean64])
   print("recoloured", rc)
   assert rc["agreement"] < gt["agreement"] - 0.4
+  assert rc["characters_drawn"] < 0.1  # the places are right, no character is
   assert rc["cast_consistency"] < gt["cast_consistency"] - 0.3
 
   # a character recoloured in one shot only breaks identity consistency

@@ -112,7 +112,8 @@ COLUMNS = (("stories", "stories"), ("shots", "shots"), ("validity", "validity"),
            ("interpretable", "interpretable"), ("prompt_names", "cast = prompt names"),
            ("prompt_places", "places = prompt places"), ("prompt_count", "character count"),
            ("cast_consistency", "cast consistency"), ("agreement", "agreement"),
-           ("identity_consistency", "identity consistency"), ("place_accuracy", "place accuracy"))
+           ("identity_consistency", "identity consistency"), ("place_accuracy", "place accuracy"),
+           ("characters_drawn", "characters drawn"))
 
 
 def comparison_table(rows: dict[str, dict]) -> str:

@@ -266,4 +266,16 @@ def average(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
   out["interpretable"] = int(sum(r["interpretable"] for r in results))
   shots = [s for r in results for s in r.get("per_shot", [])]
   out["place_accuracy"] = float(np.mean([s["place_ok"] for s in shots])) if shots else None
+  out["characters_drawn"] = characters_drawn(shots)
   return out
+
+
+def characters_drawn(shots: Sequence[dict[str, Any]]) -> float | None:
+  """Share of the characters the shots require that are drawn right (colour, shape, slot, size).
+
+  Why a column of its own: agreement mixes the place with the characters, and identity
+  consistency skips stories where no character is found twice, so neither shows a storyboard
+  whose places are right but whose characters are missing; this share does.
+  """
+  required = sum(len(s["required"]) for s in shots)
+  return sum(s["found"] for s in shots) / required if required else None
