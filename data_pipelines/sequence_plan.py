@@ -82,6 +82,7 @@ class PlanConfig:
   use_vit_context: bool
   noised_copies: int = 1  # interleaved task: noised copies per keyframe (independent t and noise)
   subject_alone: float = 0.0  # subject task: probability of keeping only the subject's cast line
+  name_loss_weight: float = 1.0  # loss weight of the labels that are a cast line's name tokens
 
   @classmethod
   def from_config(cls, config) -> "PlanConfig":
@@ -93,6 +94,8 @@ class PlanConfig:
       raise ConfigError(f"config.model.autoencoder={m.autoencoder!r} must be {' or '.join(map(repr, AUTOENCODERS))}")
     if not 0.0 <= float(d.get("subject_alone", 0.0)) <= 1.0:
       raise ConfigError(f"config.data.subject_alone={d.subject_alone} must be a share in [0, 1]")
+    if not float(d.get("name_loss_weight", 1.0)) > 0.0:
+      raise ConfigError(f"config.data.name_loss_weight={d.name_loss_weight} must be > 0")
     weights = tuple((t, float(d.tasks[t])) for t in TASKS if t in d.tasks and float(d.tasks[t]) > 0)
     unknown = set(d.tasks.keys()) - set(TASKS)
     if unknown or not weights:
@@ -106,6 +109,7 @@ class PlanConfig:
         vit_cond_dropout=d.vit_cond_dropout, vae_cond_dropout=d.vae_cond_dropout,
         use_vit_context=bool(d.use_vit_context), noised_copies=int(d.noised_copies),
         subject_alone=float(d.get("subject_alone", 0.0)),
+        name_loss_weight=float(d.get("name_loss_weight", 1.0)),
     )
 
 
@@ -173,7 +177,25 @@ class Planner:
   def _text(self, lines: Sequence[str], train: bool, close: bool = True) -> TextSegment:
     """``<|im_start|> lines [<|im_end|>]``; ``close=False`` for a cut-off text (no false stop)."""
     ids = [i for line in lines for i in self._ids(line)]
-    return prompt_layout.text_segment(self.tok, ids, train=train, close=close)
+    seg = prompt_layout.text_segment(self.tok, ids, train=train, close=close)
+    if train and self.cfg.name_loss_weight != 1.0:
+      seg.label_weights = self._name_label_weights(lines, len(seg.token_ids))
+    return seg
+
+  def _name_label_weights(self, lines: Sequence[str], n: int) -> np.ndarray:
+    """[n] label weights: ``name_loss_weight`` where the next token is a cast line's name.
+
+    Why: copying the prompt's K-th name into ``<CharacterK>:`` is a few tokens of a long text, so
+    its circuit is slow to form under a uniform cross-entropy (README, "Diagnosing the keyframes").
+    """
+    weights = np.ones(n, np.float32)
+    start = 1  # after <|im_start|>
+    for line in lines:
+      span = prompt_layout.name_token_span(self.tok, line)
+      if span is not None:  # the label of position i is token i + 1
+        weights[start + span[0] - 1:start + span[1] - 1] = self.cfg.name_loss_weight
+      start += len(self._ids(line))
+    return weights
 
   def _image(self, frame, noised: bool) -> ImageSegment:
     c = self.cfg

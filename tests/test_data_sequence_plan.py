@@ -207,3 +207,31 @@ def test_extra_noised_copies_see_what_the_first_sees_and_nothing_sees_them():
     assert set(pos[qa]) == set(pos[qb]) and len(set(pos[qa])) == 1
   noise = kinds == layout.KIND_NOISE
   assert not (vis[:, noise] & (segs[:, None] != segs[None, :])[:, noise]).any()
+
+
+def test_name_loss_weight_stresses_the_cast_names_and_nothing_else():
+  rec = _record(5)
+  names = [line.split(",")[0] for line in rec["script"].characters]
+  plain, _ = _planner(name_loss_weight=1.0)
+  stressed, c = _planner(name_loss_weight=12.0)
+  for task in ("header", "interleaved"):
+    base = plain.plan(rec, np.random.default_rng(0), task).segments[0]
+    seg = stressed.plan(rec, np.random.default_rng(0), task).segments[0]
+    assert base.label_weights is None
+    np.testing.assert_array_equal(seg.token_ids, base.token_ids)
+    ids = seg.token_ids.tolist()
+    heavy = [i for i, w in enumerate(seg.label_weights) if w != 1.0]
+    assert set(seg.label_weights[heavy]) == {12.0}
+    # the weighted labels (token i + 1) spell exactly the cast's names, each after its "<CharacterK>:"
+    assert [stressed.tok.decode([ids[i + 1]]).strip() for i in heavy] == names
+    assert all(stressed.tok.decode(ids[i - 1:i + 1]).startswith("<Character") for i in heavy)
+    row = layout.pack_row([[seg]], layout.BufferSizes(c.data.und_len, c.data.gen_len, c.data.vit_len,
+                                                       c.data.max_segments), 48, 8, 192)
+    assert sorted(np.flatnonzero(row["und_loss_weights"] == 12.0).tolist()) == heavy
+    assert np.sum(row["und_loss_weights"] == 1.0) == len(ids) - 1 - len(heavy)
+
+
+def test_name_loss_weight_must_be_positive():
+  from unimage_jax.config_validation import ConfigError
+  with pytest.raises(ConfigError, match="config.data.name_loss_weight"):
+    PlanConfig.from_config(data_fixtures.tiny_config(name_loss_weight=0.0))

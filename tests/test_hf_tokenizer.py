@@ -55,3 +55,18 @@ def test_missing_specials_and_id_tags_are_appended_like_bagel(tmp_path):
   tok.save(str(tmp_path / "saved.json"))
   again = HFTokenizer(str(tmp_path / "saved.json"), extra_special_tokens=tags)
   assert again.encode("<Character1> kneels") == tok.encode("<Character1> kneels") and again.vocab_size == 304
+
+
+def test_cast_name_span_under_byte_level_bpe(tmp_path):
+  """``data.name_loss_weight`` finds a cast line's name in a BPE tokenizer's ids as in SentencePiece's."""
+  from unimage_jax.prompt_layout import line_ids, name_token_span
+  _build(tmp_path / "tokenizer.json", ["<|endoftext|>", *CONTROL_TOKENS])
+  tok = HFTokenizer(str(tmp_path / "tokenizer.json"), extra_special_tokens=["<Character1>", "<Character2>"])
+  for line, name in (("<Character2>: Dex, a large pink triangle.", " Dex"),
+                     ("<Character1>: Annabel Lee, a woman with long dark brown hair.", " Annabel Lee")):
+    ids = line_ids(tok, line)
+    a, b = name_token_span(tok, line)
+    assert ids[a - 1] == tok.encode(":")[-1] and tok.decode(ids[a:b]) == name
+    assert tok.decode(ids[b:b + 1]).startswith(",")
+  assert name_token_span(tok, "<Environment1>: A dusty dig site.") is None
+  assert name_token_span(tok, "<Frame1>: <Character1>, kneels.") is None

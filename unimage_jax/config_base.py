@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.tasks = ml_collections.ConfigDict({"interleaved": 1.0, "script": 0.0, "keyframe": 0.0, "header": 0.0,
                                       "opening": 0.0, "subject": 0.0})
   d.subject_alone = 0.0  # subject task: probability that the subject's cast line is the only one
+  # loss weight of the labels that are a cast line's name (<CharacterK>: Name): copying the
+  # prompt's names is a few tokens of each text (README, "Diagnosing the keyframes")
+  d.name_loss_weight = 1.0
   d.precontext_split_prob = 0.5
   d.text_cond_dropout = 0.1
   d.vit_cond_dropout = 0.3

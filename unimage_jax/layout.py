@@ -101,10 +101,15 @@ class BufferSizes:
 
 @dataclasses.dataclass
 class TextSegment:
-  """Text tokens (control tokens included). ``train``: predict each next token of the segment."""
+  """Text tokens (control tokens included). ``train``: predict each next token of the segment.
+
+  ``label_weights[i]`` scales the loss of predicting token ``i + 1`` (None: all 1), so a planner
+  can stress the few tokens a task hinges on (``data.name_loss_weight``) without a new loss.
+  """
 
   token_ids: np.ndarray  # [n] int
   train: bool = True
+  label_weights: np.ndarray | None = None  # [n] float
 
 
 @dataclasses.dataclass
@@ -234,11 +239,14 @@ def pack_row(
     for seg in sample:
       if isinstance(seg, TextSegment):
         ids = np.asarray(seg.token_ids, np.int64)
+        label_weights = np.ones(len(ids)) if seg.label_weights is None else np.asarray(seg.label_weights)
+        if label_weights.shape != ids.shape:
+          raise ValueError(f"sample {sample_id}: {label_weights.shape} label weights for {len(ids)} tokens")
         for i, tok in enumerate(ids):
           slot = put_und(int(tok), KIND_TEXT, position + i)
           if seg.train and i + 1 < len(ids):
             row["und_labels"][slot] = int(ids[i + 1])
-            row["und_loss_weights"][slot] = weight
+            row["und_loss_weights"][slot] = weight * label_weights[i]
         position += len(ids)
       elif isinstance(seg, ImageSegment):
         kind = KIND_NOISE if seg.noised else KIND_CLEAN

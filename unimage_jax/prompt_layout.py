@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +25,28 @@ from unimage_jax.script_schema import Script, frame_line, header_lines, video_li
 def line_ids(tok, line: str) -> list[int]:
   """One script line -> ids, with its newline."""
   return tok.encode(line + "\n")
+
+
+_CAST_NAME = re.compile(r"(<Character\d+>:)\s*([^,]+)")
+
+
+def name_token_span(tok, line: str) -> tuple[int, int] | None:
+  """Token indices ``[a, b)`` of a cast line's name within :func:`line_ids`; None for other lines.
+
+  A ``<CharacterK>: Name, ...`` line: the tokens after ``<CharacterK>:`` up to the comma. Where
+  the tokenizer merges the name's last token with what follows, the span keeps the name's first
+  token, the one that copies the prompt's name.
+  """
+  m = _CAST_NAME.match(line)
+  if m is None:
+    return None
+  ids = line_ids(tok, line)
+  head = tok.encode(m.group(1))
+  if ids[:len(head)] != head:
+    raise ValueError(f"cast line {line!r}: the tokenizer does not encode {m.group(1)!r} as the line's prefix")
+  upto = tok.encode(line[:m.end(2)])
+  end = len(upto) if ids[:len(upto)] == upto and len(upto) > len(head) else len(head) + 1
+  return len(head), min(end, len(ids))
 
 
 def encode_lines(tok, lines: Sequence[str]) -> list[int]:
