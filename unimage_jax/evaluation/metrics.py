@@ -35,7 +35,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from data_pipelines.storyworld import cast as cast_lib
-from data_pipelines.storyworld.grammar import NUM_SLOTS
+from data_pipelines.storyworld.grammar import NUM_SLOTS, Story
 from unimage_jax import script_schema as ss
 from unimage_jax.evaluation import detector, expected, script_semantics
 
@@ -183,42 +183,44 @@ def score_story(inp: StoryInput) -> dict[str, Any]:
   story = sem.story(script)
   per_shot, looks = [], collections.defaultdict(list)
   for k, image in enumerate(inp.keyframes):
-    S = image.shape[0]
-    exp = expected.expected_characters(story, k, S)
-    cam = expected.camera(story, k)
-    dets = detector.detect(image, cam)
-    place = detector.detect_place(image)
-    gate = 0.5 * cam[2] * S / NUM_SLOTS
-    matches = match(exp, dets, sem.cast, gate)
-    required = {e.index for e in exp if e.required}
-    tp = 0
-    counted = 0
-    for m in matches:
-      t = sem.cast[m.expected.index]
-      if m.expected.index not in required:
-        continue
-      counted += 1
-      correct = (m.identity and m.detection.slot == m.expected.slot
-                 and (m.detection.size is None or t.size in m.detection.plausible("size")))
-      tp += correct
-      cast_passed.append(looks_like(m.detection, t))
+    shot, matched = score_shot(sem, story, k, image)
+    for m in matched:
+      cast_passed.append(looks_like(m.detection, sem.cast[m.expected.index]))
       looks[m.expected.index].append(m.detection)
-    matched = {id(m.detection) for m in matches}
-    fp = sum(1 for d in dets if id(d) not in matched)
-    want_place = story.places[story.shots[k]["env"]].name
-    place_ok = place == want_place
-    n_exp, n_det = 1 + len(required), 1 + counted + fp
-    tp_all = tp + place_ok
-    precision, recall = tp_all / n_det, tp_all / n_exp
-    f1 = 2 * precision * recall / (precision + recall) if tp_all else 0.0
-    per_shot.append({"agreement": f1, "precision": precision, "recall": recall, "place": place,
-                     "place_ok": place_ok, "required": sorted(required), "found": tp,
-                     "false_detections": fp, "detections": len(dets)})
+    per_shot.append(shot)
   result["per_shot"] = per_shot
   result["agreement"] = float(np.mean([s["agreement"] for s in per_shot]))
   result["cast_consistency"] = float(np.mean(cast_passed))
   result["identity_consistency"] = identity_consistency(looks.values())
   return result
+
+
+def score_shot(sem: script_semantics.Semantics, story: Story, k: int, image: np.ndarray):
+  """Shot ``k``'s (0-based) keyframe against the scene its script describes: the per-shot row
+  (agreement, place, characters found) and the matches of the characters it requires."""
+  S = image.shape[0]
+  exp = expected.expected_characters(story, k, S)
+  cam = expected.camera(story, k)
+  dets = detector.detect(image, cam)
+  place = detector.detect_place(image)
+  matches = match(exp, dets, sem.cast, 0.5 * cam[2] * S / NUM_SLOTS)
+  required = {e.index for e in exp if e.required}
+  counted = [m for m in matches if m.expected.index in required]
+  tp = 0
+  for m in counted:
+    t = sem.cast[m.expected.index]
+    tp += (m.identity and m.detection.slot == m.expected.slot
+           and (m.detection.size is None or t.size in m.detection.plausible("size")))
+  matched = {id(m.detection) for m in matches}
+  fp = sum(1 for d in dets if id(d) not in matched)
+  place_ok = place == story.places[story.shots[k]["env"]].name
+  n_exp, n_det = 1 + len(required), 1 + len(counted) + fp
+  tp_all = tp + place_ok
+  precision, recall = tp_all / n_det, tp_all / n_exp
+  f1 = 2 * precision * recall / (precision + recall) if tp_all else 0.0
+  row = {"agreement": f1, "precision": precision, "recall": recall, "place": place, "place_ok": place_ok,
+         "required": sorted(required), "found": tp, "false_detections": fp, "detections": len(dets)}
+  return row, counted
 
 
 def failed_story(story_id: str, prompt: str, error: str) -> dict[str, Any]:
