@@ -31,7 +31,7 @@ use to fill a row's tail (``packing.FirstFitPacker``). A cut script continuation
 * ``opening`` (stage 1): that first text (trained) and the noised copies of keyframe 1.
 * ``subject`` (stage 1, gen expert): [header + the frame line of a single-character shot (no
   loss)] [its noised copies]; ``data.subject_alone`` is the share that keep only the subject's
-  cast line.
+  cast line, ``data.subject_spelled_out`` the share whose frame line spells the subject out.
 
 Text lines are encoded one by one (``line + "\\n"``) so a prefix of a script always has the same
 tokens as the whole script's prefix; the director encodes the same way (``unimage_jax/prompt_layout.py``
@@ -83,6 +83,7 @@ class PlanConfig:
   noised_copies: int = 1  # interleaved task: noised copies per keyframe (independent t and noise)
   subject_alone: float = 0.0  # subject task: probability of keeping only the subject's cast line
   name_loss_weight: float = 1.0  # loss weight of the labels that are a cast line's name tokens
+  subject_spelled_out: float = 0.0  # subject task: probability of the frame line spelling the subject out
 
   @classmethod
   def from_config(cls, config) -> "PlanConfig":
@@ -92,8 +93,9 @@ class PlanConfig:
                         f"{3 * m.pixel_downsample ** 2} for the pixel codec")
     if m.autoencoder not in AUTOENCODERS:
       raise ConfigError(f"config.model.autoencoder={m.autoencoder!r} must be {' or '.join(map(repr, AUTOENCODERS))}")
-    if not 0.0 <= float(d.get("subject_alone", 0.0)) <= 1.0:
-      raise ConfigError(f"config.data.subject_alone={d.subject_alone} must be a share in [0, 1]")
+    for share in ("subject_alone", "subject_spelled_out"):
+      if not 0.0 <= float(d.get(share, 0.0)) <= 1.0:
+        raise ConfigError(f"config.data.{share}={d.get(share)} must be a share in [0, 1]")
     if not float(d.get("name_loss_weight", 1.0)) > 0.0:
       raise ConfigError(f"config.data.name_loss_weight={d.name_loss_weight} must be > 0")
     weights = tuple((t, float(d.tasks[t])) for t in TASKS if t in d.tasks and float(d.tasks[t]) > 0)
@@ -110,6 +112,7 @@ class PlanConfig:
         use_vit_context=bool(d.use_vit_context), noised_copies=int(d.noised_copies),
         subject_alone=float(d.get("subject_alone", 0.0)),
         name_loss_weight=float(d.get("name_loss_weight", 1.0)),
+        subject_spelled_out=float(d.get("subject_spelled_out", 0.0)),
     )
 
 
@@ -285,7 +288,9 @@ class Planner:
     if cast and rng.random() < self.cfg.subject_alone:  # only the subject's own cast line: its look is the one description
       own = f"<Character{cast[0]}>:"
       header = [line for line in header if not line.startswith("<Character") or line.startswith(own)]
-    segs = [self._text(header + [frame_line(script, k)], False)]
+    spelled = self.cfg.subject_spelled_out > 0 and rng.random() < self.cfg.subject_spelled_out
+    line = prompt_layout.spelled_out_frame_line(script, k) if spelled else frame_line(script, k)
+    segs = [self._text(header + [line], False)]
     segs += [self._image(frames[k - 1], True)] * self.cfg.noised_copies
     return self._fitting([segs], f"shot {k} of {script.prompt[:40]!r} after the header")
 

@@ -235,3 +235,19 @@ def test_name_loss_weight_must_be_positive():
   from unimage_jax.config_validation import ConfigError
   with pytest.raises(ConfigError, match="config.data.name_loss_weight"):
     PlanConfig.from_config(data_fixtures.tiny_config(name_loss_weight=0.0))
+
+
+def test_subject_spelled_out_puts_the_cast_line_in_place_of_the_tag():
+  p, _ = _planner(noised_copies=1, subject_spelled_out=1.0)
+  rec = _record(5)
+  script = rec["script"]
+  for seed in range(6):
+    segs = p.plan(rec, np.random.default_rng(seed), "subject").segments
+    text = p.tok.decode(segs[0].token_ids.tolist())
+    frame = text[text.index("<Frame"):]
+    k = int(re.findall(r"<Frame(\d+)>", frame)[0])
+    (subject,) = referenced(script.shots[k - 1].frame, "Character")
+    assert "<Character" not in frame and script.characters[subject - 1].rstrip(".") + "," in frame
+    assert all(line in text for line in header_lines(script))  # the header is untouched
+  with pytest.raises(Exception, match="config.data.subject_spelled_out"):
+    PlanConfig.from_config(data_fixtures.tiny_config(subject_spelled_out=-0.1))

@@ -97,3 +97,18 @@ def test_frame_line_reads_in_the_subject_layout_and_the_noise_draw():
   assert set(seen) == {1}  # only the noised target: the subject layout holds no earlier keyframe
   assert out["subject_tag"][0] > 0.0 and out["place_tag"][0] == 0.0, out
   assert out["noise_draw"][0] > 0.0 and out["noise_draw"][1] == out["cast_colours"][1], out
+
+
+def test_subject_drawing_scores_the_picture_like_a_storyboard():
+  director, records, probe = _random_model_probe()
+
+  def oracle(row, t, eps, read_t=None, shuffle=None):  # draws the true keyframe
+    x_t = (1.0 - t) * row.target + t * eps
+    return (x_t - row.target) / t, x_t
+  probe.velocity_of = oracle
+  for spelled in (False, True):
+    out = probe.subject_drawing(records, director.codec.decode, spelled_out=spelled)
+    assert out["shots"] > 0 and out["place_accuracy"] == 1.0 and out["characters_drawn"] >= 0.9, out
+  probe.velocity_of = lambda row, t, eps, **kw: (eps + 1.0, eps)  # a black frame: nothing right
+  out = probe.subject_drawing(records, director.codec.decode)
+  assert out["place_accuracy"] == 0.0 and out["characters_drawn"] == 0.0, out

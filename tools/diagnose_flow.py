@@ -7,7 +7,8 @@ context and under changed ones (another story's text, no earlier keyframes, shuf
 positions, the wrong timestep), and prints how much the velocity moves and how far the implied
 clean image ``x_t - t v`` is from the truth (``unimage_jax/evaluation/flow_probe.py``). Then the
 place the context alone draws, and how far that picture moves when the frame line's place tag,
-its subject tag or the cast's colours change.
+its subject tag or the cast's colours change. With ``--task=subject``, also the characters and
+places that picture draws right, from the frame line as written and spelled out.
 A model whose image tokens ignore their context shows changes near 0 for ``other_text``.
 """
 
@@ -60,6 +61,14 @@ def main(argv):
   print("| change | pixel change | shots |\n|---|---|---|")
   for name, (change, shots) in reads.items():
     print(f"| {name} | {change:.2f} | {shots} |")
+  if task == "subject":
+    print("\nthe subject layout's picture, scored (single-character shots; the frame line as written, "
+          "then with the subject's cast line in place of its tag):")
+    print("| frame line | characters drawn | place accuracy | shots |\n|---|---|---|---|")
+    for spelled in (False, True):
+      out = probe.subject_drawing(records, director.codec.decode, spelled_out=spelled)
+      drawn = "-" if out["characters_drawn"] is None else f"{out['characters_drawn']:.3f}"
+      print(f"| {'spelled out' if spelled else 'tags'} | {drawn} | {out['place_accuracy']:.3f} | {out['shots']} |")
 
 
 if __name__ == "__main__":

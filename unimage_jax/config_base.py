@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.tasks = ml_collections.ConfigDict({"interleaved": 1.0, "script": 0.0, "keyframe": 0.0, "header": 0.0,
                                       "opening": 0.0, "subject": 0.0})
   d.subject_alone = 0.0  # subject task: probability that the subject's cast line is the only one
+  # subject task: probability that the frame line spells the subject out (its cast line in place
+  # of <CharacterK>; a diagnostic without the tag lookup, README "Diagnosing the keyframes")
+  d.subject_spelled_out = 0.0
   # loss weight of the labels that are a cast line's name (<CharacterK>: Name): copying the
   # prompt's names is a few tokens of each text (README, "Diagnosing the keyframes")
   d.name_loss_weight = 1.0

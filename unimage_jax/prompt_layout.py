@@ -79,6 +79,17 @@ def first_text_lines(script: Script) -> list[str]:
   return header_lines(script) + [frame_line(script, 1)]
 
 
+_CHARACTER_TAG = re.compile(r"<Character(\d+)>")
+
+
+def spelled_out_frame_line(script: Script, k: int) -> str:
+  """``<Framek>:`` with each ``<CharacterN>`` replaced by its cast line ("Ona, a small green
+  triangle wearing a teal scarf,"): a diagnostic layout that removes the tag lookup, so a probe
+  can tell a model that cannot resolve tags from one that cannot draw what it is told."""
+  spell = lambda m: script.characters[int(m.group(1)) - 1].rstrip(".") + ","
+  return f"<Frame{k}>: " + _CHARACTER_TAG.sub(spell, script.shots[k - 1].frame)
+
+
 def tail_lines(script: Script, k: int) -> list[str]:
   """The interleaved layout's text after keyframe k (1-based)."""
   return [video_line(script, k)] + ([frame_line(script, k + 1)] if k < len(script.shots) else [])

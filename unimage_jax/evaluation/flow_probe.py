@@ -238,6 +238,37 @@ class FlowProbe:
         changes["noise_draw"].append(float(np.abs(picture(record, script, k, other_eps) - base).mean()))
     return {name: (float(np.mean(c)) if c else float("nan"), len(c)) for name, c in changes.items()}
 
+  def subject_drawing(self, records: Sequence[dict[str, Any]], decode, spelled_out: bool = False,
+                      max_shot: int = 8, seed: int = 0) -> dict[str, float]:
+    """The picture drawn by the context alone (implied x0 at ``t = 1``) in the subject layout (the
+    header and the frame line of a shot that names one character), scored like a storyboard:
+    ``{characters_drawn, place_accuracy, shots}`` (``metrics.score_shot``). ``spelled_out``: the
+    frame line carries the subject's cast line in place of its tag.
+
+    Why: a model that draws the subject when it is spelled out but not from its tag cannot
+    resolve the tag; one that draws it in neither cannot yet draw what it is told.
+    """
+    from unimage_jax.evaluation import metrics, script_semantics
+    from unimage_jax.prompt_layout import spelled_out_frame_line
+    rng = np.random.default_rng(seed)
+    shots = []
+    for record in records:
+      script = record["script"]
+      sem = script_semantics.interpret(script)
+      story = sem.story(script)
+      for k in range(1, min(max_shot, len(script.shots)) + 1):
+        if len(referenced(script.shots[k - 1].frame, "Character")) != 1:
+          continue
+        line = spelled_out_frame_line(script, k) if spelled_out else frame_line(script, k)
+        target = self.planner._image(record["keyframes"][k - 1], noised=True)
+        probe = _fit_row(ProbeRow([self.planner._text(header_lines(script) + [line], False), target],
+                                  target.latents), self.sizes)
+        v, x_t = self.velocity_of(probe, 1.0, rng.standard_normal(probe.target.shape).astype(np.float32))
+        shots.append(metrics.score_shot(sem, story, k - 1, decode(x_t - v))[0])
+    return {"characters_drawn": metrics.characters_drawn(shots),
+            "place_accuracy": float(np.mean([s["place_ok"] for s in shots])) if shots else float("nan"),
+            "shots": len(shots)}
+
   def grid_tokens(self, record) -> int:
     return len(self.planner._image(record["keyframes"][0], noised=True).latents)
 
