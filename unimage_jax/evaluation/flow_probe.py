@@ -239,7 +239,7 @@ class FlowProbe:
     return {name: (float(np.mean(c)) if c else float("nan"), len(c)) for name, c in changes.items()}
 
   def subject_drawing(self, records: Sequence[dict[str, Any]], decode, spelled_out: bool = False,
-                      max_shot: int = 8, seed: int = 0) -> dict[str, float]:
+                      max_shot: int = 8, seed: int = 0) -> dict[str, float | None]:
     """The picture drawn by the context alone (implied x0 at ``t = 1``) in the subject layout (the
     header and the frame line of a shot that names one character), scored like a storyboard:
     ``{characters_drawn, place_accuracy, shots}`` (``metrics.score_shot``). ``spelled_out``: the

@@ -195,7 +195,8 @@ def score_story(inp: StoryInput) -> dict[str, Any]:
   return result
 
 
-def score_shot(sem: script_semantics.Semantics, story: Story, k: int, image: np.ndarray):
+def score_shot(sem: script_semantics.Semantics, story: Story, k: int,
+               image: np.ndarray) -> tuple[dict[str, Any], list[Match]]:
   """Shot ``k``'s (0-based) keyframe against the scene its script describes: the per-shot row
   (agreement, place, characters found) and the matches of the characters it requires."""
   S = image.shape[0]
