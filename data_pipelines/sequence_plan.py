@@ -194,10 +194,11 @@ class Planner:
     weights = np.ones(n, np.float32)
     start = 1  # after <|im_start|>
     for line in lines:
-      span = prompt_layout.name_token_span(self.tok, line)
+      ids = self._ids(line)
+      span = prompt_layout.name_token_span(self.tok, line, ids)
       if span is not None:  # the label of position i is token i + 1
         weights[start + span[0] - 1:start + span[1] - 1] = self.cfg.name_loss_weight
-      start += len(self._ids(line))
+      start += len(ids)
     return weights
 
   def _image(self, frame, noised: bool) -> ImageSegment:

@@ -30,17 +30,18 @@ def line_ids(tok, line: str) -> list[int]:
 _CAST_NAME = re.compile(r"(<Character\d+>:)\s*([^,]+)")
 
 
-def name_token_span(tok, line: str) -> tuple[int, int] | None:
+def name_token_span(tok, line: str, ids: Sequence[int] | None = None) -> tuple[int, int] | None:
   """Token indices ``[a, b)`` of a cast line's name within :func:`line_ids`; None for other lines.
 
   A ``<CharacterK>: Name, ...`` line: the tokens after ``<CharacterK>:`` up to the comma. Where
   the tokenizer merges the name's last token with what follows, the span keeps the name's first
-  token, the one that copies the prompt's name.
+  token, the one that copies the prompt's name. ``ids``: the line's :func:`line_ids` when the
+  caller has them (the planner caches them), so the line is not encoded again.
   """
   m = _CAST_NAME.match(line)
   if m is None:
     return None
-  ids = line_ids(tok, line)
+  ids = line_ids(tok, line) if ids is None else list(ids)
   head = tok.encode(m.group(1))
   if ids[:len(head)] != head:
     raise ValueError(f"cast line {line!r}: the tokenizer does not encode {m.group(1)!r} as the line's prefix")
