@@ -7,6 +7,9 @@ eager PyTorch with oneDNN. The flag only touches the CPU backend (TPU and GPU pr
 unchanged) and must be in ``XLA_FLAGS`` before the first backend starts, so :func:`configure`
 runs at tool start-up (``cli.run``). ``UNIMAGE_CPU_DOTS=xla`` keeps XLA's own dots; an
 ``XLA_FLAGS`` that already names a YNN fusion type is left alone.
+
+The dense layers' kernel gradient has a CPU rule of its own (:func:`unimage_jax.model.layers.
+dense_product`); ``UNIMAGE_CPU_DENSE_GRAD=autodiff`` keeps autodiff's, to measure the difference.
 """
 
 from __future__ import annotations
@@ -35,3 +38,12 @@ def configure(environ=os.environ) -> bool:
     return False
   environ["XLA_FLAGS"] = f"{flags} {YNN_DOTS}".strip()
   return True
+
+
+def transposed_input_dense_grad(environ=os.environ) -> bool:
+  """Whether CPU programs take the dense layers' transposed-input kernel gradient (the default);
+  ``UNIMAGE_CPU_DENSE_GRAD=autodiff`` turns it off. Read when a program is traced."""
+  choice = environ.get("UNIMAGE_CPU_DENSE_GRAD", "transposed_input")
+  if choice not in ("transposed_input", "autodiff"):
+    raise ValueError(f"UNIMAGE_CPU_DENSE_GRAD={choice!r}: expected 'transposed_input' or 'autodiff'")
+  return choice == "transposed_input"
