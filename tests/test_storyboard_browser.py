@@ -28,6 +28,7 @@ def test_outputs_and_handoff(tmp_path):
   records = [json.loads(l) for l in open(paths["handoff.jsonl"])]
   assert [r["shot"] for r in records] == [1, 2, 3]
   assert records[0]["dialogue"] == [{"speaker": "<Character1>", "line": "Look, shot 1!",
+                                     "speaker_name": "a small red circle with a hat",  # no name in the line
                                      "speaker_description": "a small red circle with a hat"}]
   assert records[0]["sound"] == ["Birds sing"]
   assert "a park with a tree" in records[0]["frame_prompt_expanded"]
@@ -35,6 +36,22 @@ def test_outputs_and_handoff(tmp_path):
   back = storyboard_io.load_storyboard(paths["storyboard.json"])
   assert back.script.shots[1].frame == _storyboard().script.shots[1].frame
   np.testing.assert_array_equal(back.keyframes[2], _storyboard().keyframes[2])
+
+
+def test_dialogue_is_credited_to_the_characters_name(tmp_path):
+  """A ``Name, a ...`` cast line credits its lines to the name (the HTML shows the description on
+  hover); a line without a name credits the description, a tag outside the cast stays a tag."""
+  board = _storyboard(2)
+  board.script.characters[0] = "Mira, a small red circle with a hat."
+  board.script.shots[1] = Shot("Wide shot: <Character1> stands in <Environment1>.",
+                               "<Character1> says <-Hi!-> <Character2> says <-Who?->")
+  paths = storyboard_io.save_storyboard(board, str(tmp_path))
+  records = [json.loads(l) for l in open(paths["handoff.jsonl"])]
+  assert [(d["speaker_name"], d["speaker_description"]) for d in records[1]["dialogue"]] == [
+      ("Mira", "Mira, a small red circle with a hat."), ("a big blue square", "a big blue square")]
+  page = open(paths["storyboard.html"]).read()
+  assert '<b title="Mira, a small red circle with a hat.">Mira</b>: Hi!' in page
+  assert storyboard_io.speaker_name("<Character9>", board.script) == "<Character9>"
 
 
 def test_every_keyframe_renders_in_headless_chromium(tmp_path):

@@ -33,6 +33,16 @@ def expand_tags(text: str, script: Script) -> str:
   return _TAG.sub(sub, text)
 
 
+def speaker_name(tag: str, script: Script) -> str:
+  """What a dialogue line is credited to: the name of a ``Name, a ...`` cast line, else the whole
+  description (a cast line without a name), else the tag itself (an unknown character)."""
+  description = expand_tags(tag, script)
+  if description == tag:
+    return tag
+  name, comma, _ = description.partition(",")
+  return name.strip() if comma and name.strip() else description
+
+
 def split_cues(video: str) -> tuple[list[dict[str, str]], list[str]]:
   """(dialogue [{speaker, line}], sound cues) of a video prompt: ``<CharacterN> says <-...->`` is dialogue."""
   dialogue = [{"speaker": m.group(1), "line": m.group(2)} for m in _DIALOGUE.finditer(video)]
@@ -46,6 +56,7 @@ def handoff_records(script: Script, keyframe_paths: list[str]) -> list[dict]:
   for k, (shot, path) in enumerate(zip(script.shots, keyframe_paths), start=1):
     dialogue, sounds = split_cues(shot.video)
     for d in dialogue:
+      d["speaker_name"] = speaker_name(d["speaker"], script)
       d["speaker_description"] = expand_tags(d["speaker"], script)
     out.append({
         "shot": k,
@@ -65,7 +76,8 @@ def handoff_records(script: Script, keyframe_paths: list[str]) -> list[dict]:
 def _card(k: int, shot, path: str, script: Script) -> str:
   dialogue, sounds = split_cues(shot.video)
   esc = html.escape
-  lines = "".join(f"<li><b>{esc(expand_tags(d['speaker'], script))}</b>: {esc(d['line'])}</li>" for d in dialogue)
+  lines = "".join(f"<li><b title=\"{esc(expand_tags(d['speaker'], script))}\">{esc(speaker_name(d['speaker'], script))}</b>: "
+                  f"{esc(d['line'])}</li>" for d in dialogue)
   sound = "".join(f"<li>{esc(s)}</li>" for s in sounds)
   return f"""
   <article class="card" id="shot-{k}">
