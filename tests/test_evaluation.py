@@ -151,6 +151,13 @@ def test_ground_truth_scores_near_one_and_corruptions_score_lower():
   print("swapped", sw)
   assert sw["agreement"] < 0.3 and sw["cast_consistency"] < gt["cast_consistency"] - 0.2
 
+  # each shot shows the previous shot's keyframe (the copy shortcut): the place is right wherever
+  # it stays, and wrong on every shot where it changes
+  copied = _avg([dataclasses.replace(x, keyframes=x.keyframes[:1] + x.keyframes[:-1]) for x in clean64])
+  print("previous keyframe", copied)
+  assert gt["place_accuracy_changed"] >= 0.97 and gt32["place_accuracy_changed"] >= 0.93, (gt, gt32)
+  assert copied["place_accuracy_changed"] == 0.0 and copied["place_accuracy"] >= 0.5, copied
+
   # keyframes shuffled within the story (shifted by one shot)
   shifted = _avg([dataclasses.replace(x, keyframes=x.keyframes[1:] + x.keyframes[:1]) for x in clean64])
   print("shifted", shifted)

@@ -51,7 +51,8 @@ def _score_and_sheet(sb, story_id: str, out_dir: str) -> dict[str, str]:
   shots = result.get("per_shot", [])
   place = fmt(sum(s["place_ok"] for s in shots) / len(shots)) if shots else "-"
   print(f"StoryWorld score of {story_id}: " + ", ".join(f"{k} {fmt(result.get(k))}" for k in keys)
-        + f", place accuracy {place}, characters drawn {fmt(metrics.characters_drawn(shots))}"
+        + f", place accuracy {place} (where it changes {fmt(metrics.place_accuracy_changed(shots))})"
+        + f", characters drawn {fmt(metrics.characters_drawn(shots))}"
         + f", interpretable {result['interpretable']}")
   return paths
 

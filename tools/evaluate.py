@@ -113,7 +113,7 @@ COLUMNS = (("stories", "stories"), ("shots", "shots"), ("validity", "validity"),
            ("prompt_places", "places = prompt places"), ("prompt_count", "character count"),
            ("cast_consistency", "cast consistency"), ("agreement", "agreement"),
            ("identity_consistency", "identity consistency"), ("place_accuracy", "place accuracy"),
-           ("characters_drawn", "characters drawn"))
+           ("place_accuracy_changed", "place where it changes"), ("characters_drawn", "characters drawn"))
 
 
 def comparison_table(rows: dict[str, dict]) -> str:

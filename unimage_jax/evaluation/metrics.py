@@ -215,11 +215,13 @@ def score_shot(sem: script_semantics.Semantics, story: Story, k: int,
   matched = {id(m.detection) for m in matches}
   fp = sum(1 for d in dets if id(d) not in matched)
   place_ok = place == story.places[story.shots[k]["env"]].name
+  place_changed = k > 0 and story.shots[k]["env"] != story.shots[k - 1]["env"]
   n_exp, n_det = 1 + len(required), 1 + len(counted) + fp
   tp_all = tp + place_ok
   precision, recall = tp_all / n_det, tp_all / n_exp
   f1 = 2 * precision * recall / (precision + recall) if tp_all else 0.0
   row = {"agreement": f1, "precision": precision, "recall": recall, "place": place, "place_ok": place_ok,
+         "place_changed": place_changed,
          "required": sorted(required), "found": tp, "false_detections": fp, "detections": len(dets)}
   return row, counted
 
@@ -270,7 +272,19 @@ def average(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
   shots = [s for r in results for s in r.get("per_shot", [])]
   out["place_accuracy"] = float(np.mean([s["place_ok"] for s in shots])) if shots else None
   out["characters_drawn"] = characters_drawn(shots)
+  out["place_accuracy_changed"] = place_accuracy_changed(shots)
   return out
+
+
+def place_accuracy_changed(shots: Sequence[dict[str, Any]]) -> float | None:
+  """Place accuracy over the shots whose place differs from the previous shot's.
+
+  Why a column of its own: most shots stay where the previous one was, so a model that copies
+  the previous keyframe's background, never reading the frame line's ``<EnvironmentK>``, still
+  scores well on place accuracy; on these shots copying is always wrong.
+  """
+  changed = [s["place_ok"] for s in shots if s.get("place_changed")]
+  return float(np.mean(changed)) if changed else None
 
 
 def characters_drawn(shots: Sequence[dict[str, Any]]) -> float | None:
