@@ -84,6 +84,7 @@ class PlanConfig:
   subject_alone: float = 0.0  # subject task: probability of keeping only the subject's cast line
   name_loss_weight: float = 1.0  # loss weight of the labels that are a cast line's name tokens
   subject_spelled_out: float = 0.0  # subject task: probability of the frame line spelling the subject out
+  place_change_copies: int = 0  # interleaved task: noised copies of a keyframe whose place changes (0: noised_copies)
 
   @classmethod
   def from_config(cls, config) -> "PlanConfig":
@@ -96,6 +97,8 @@ class PlanConfig:
     for share in ("subject_alone", "subject_spelled_out"):
       if not 0.0 <= float(d.get(share, 0.0)) <= 1.0:
         raise ConfigError(f"config.data.{share}={d.get(share)} must be a share in [0, 1]")
+    if int(d.get("place_change_copies", 0)) < 0:
+      raise ConfigError(f"config.data.place_change_copies={d.place_change_copies} must be >= 0 (0: data.noised_copies)")
     if not float(d.get("name_loss_weight", 1.0)) > 0.0:
       raise ConfigError(f"config.data.name_loss_weight={d.name_loss_weight} must be > 0")
     weights = tuple((t, float(d.tasks[t])) for t in TASKS if t in d.tasks and float(d.tasks[t]) > 0)
@@ -113,6 +116,7 @@ class PlanConfig:
         subject_alone=float(d.get("subject_alone", 0.0)),
         name_loss_weight=float(d.get("name_loss_weight", 1.0)),
         subject_spelled_out=float(d.get("subject_spelled_out", 0.0)),
+        place_change_copies=int(d.get("place_change_copies", 0)),
     )
 
 
@@ -244,7 +248,11 @@ class Planner:
     del rng
     # extra noised copies share the first one's position and see the same context, and nothing
     # sees them: more flow-loss samples per keyframe for a few gen slots and no extra text
-    images = [(self._image(f, True),) * self.cfg.noised_copies + (self._image(f, False),) for f in frames]
+    copies = [self.cfg.noised_copies] * len(frames)
+    if self.cfg.place_change_copies:  # the shots that the previous keyframe's place would get wrong
+      places = [tuple(referenced(shot.frame, "Environment")) for shot in script.shots]
+      copies = [self.cfg.place_change_copies if k and places[k] != places[k - 1] else c for k, c in enumerate(copies)]
+    images = [(self._image(f, True),) * n + (self._image(f, False),) for f, n in zip(frames, copies)]
     n_shots = len(script.shots)
 
     def prefix(n: int, with_tail: bool) -> list[layout.Segment]:

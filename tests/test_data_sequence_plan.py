@@ -209,6 +209,31 @@ def test_extra_noised_copies_see_what_the_first_sees_and_nothing_sees_them():
   assert not (vis[:, noise] & (segs[:, None] != segs[None, :])[:, noise]).any()
 
 
+def test_place_change_copies_multiply_the_keyframes_whose_place_changes():
+  """``data.place_change_copies=3``: a keyframe whose frame line names another place than the
+  previous shot's gets 3 noised copies, every other keyframe ``noised_copies``; a negative count
+  is a configuration error."""
+  for i in range(5, 40):  # a story that changes place within the shots that fit
+    rec = _record(i)
+    places = [referenced(s.frame, "Environment") for s in rec["script"].shots]
+    if any(places[k] != places[k - 1] for k in range(1, 4)):
+      break
+  p, _ = _planner(noised_copies=1, place_change_copies=3, gen_len=1024, max_segments=96)
+  segs = p.plan(rec, np.random.default_rng(0), "interleaved").segments
+  copies, run = [], 0
+  for kind in _kinds(segs):
+    if kind == "N":
+      run += 1
+    elif kind == "C":
+      copies.append(run)
+      run = 0
+  assert len(copies) >= 4
+  want = [3 if k and places[k] != places[k - 1] else 1 for k in range(len(copies))]
+  assert copies == want and 3 in want and 1 in want[1:] + [want[0]]
+  with pytest.raises(ValueError, match="config.data.place_change_copies=-1"):
+    _planner(place_change_copies=-1)
+
+
 def test_name_loss_weight_stresses_the_cast_names_and_nothing_else():
   rec = _record(5)
   names = [line.split(",")[0] for line in rec["script"].characters]

@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
   # interleaved task: noised copies of each keyframe (each its own t and noise, all seeing the same
   # context, none seen): more flow-loss samples per encoded context (as MAR's diffusion batch)
   d.noised_copies = 1
+  # interleaved task: noised copies of a keyframe whose place differs from the previous shot's
+  # (0: noised_copies): more loss where copying the previous keyframe's place is wrong
+  d.place_change_copies = 0
   # context parallelism: the slots each sequence shard holds. contiguous: piece i of each buffer;
   # zigzag: chunks i and 2S-1-i of 2S (evens the causal-like attention work; README "Context
   # parallelism"); needs und_len and gen_len divisible by 2 * mesh.sequence
