@@ -28,7 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Experiment config.")
-_WHAT = flags.DEFINE_list("what", ["train", "attention", "data"], "Benchmarks to run (train, attention, data, torch).")
+_WHAT = flags.DEFINE_list("what", ["train", "attention", "data"], "Benchmarks to run (train, attention, data, torch, torch_attention).")
 _TORCH_ROWS = flags.DEFINE_list("torch_rows", ["1", "8"], "Packed rows per step in the torch comparison.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed train steps per variant.")
 _ATTN_LEN = flags.DEFINE_integer("attention_length", 2048, "Row length of the attention benchmark.")
@@ -166,6 +166,46 @@ def bench_torch(config) -> list[str]:
   return rows
 
 
+def bench_torch_attention(config) -> list[str]:
+  """The joint attention alone, forward + backward, on the metadata of the pipeline's first row:
+  the model's CPU attention against the PyTorch serving module's (a dense mask and
+  ``F.scaled_dot_product_attention``), the same random q, k and v."""
+  import torch
+  from data_pipelines import pipeline
+  from unimage_jax.attention import attention
+  from unimage_jax.attention.dispatch import resolve_impl
+  from unimage_jax.layout import TokenMeta, token_meta
+  from unimage_jax.model import row_shards
+  from unimage_jax.torch_serving.model import meta_attention
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  pipeline.ensure_dataset(config, verbose=False)
+  m = config.model
+  batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
+  und, gen = token_meta(batch, "und"), token_meta(batch, "gen")
+  shards = row_shards.length_shards(und[0].shape[1], gen[0].shape[1])
+  meta = TokenMeta(*(row_shards.join(jnp.asarray(u), jnp.asarray(g), shards) for u, g in zip(und, gen)))
+  b, length = meta[0].shape
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(b, length, m.num_heads, m.head_dim)).astype(np.float32)
+  k, v = (rng.normal(size=(b, length, m.num_kv_heads, m.head_dim)).astype(np.float32) for _ in range(2))
+  impl = resolve_impl(m.attention_impl)
+  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, meta, impl=impl)), argnums=(0, 1, 2)))
+  jax_s = _median_time(lambda: grad(q, k, v), _STEPS.value)
+  tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+  tmeta = tuple(torch.as_tensor(np.asarray(x)) for x in meta)
+
+  def torch_step():
+    meta_attention(tq, tk, tv, tmeta).sum().backward()
+    for x in (tq, tk, tv):
+      x.grad = None
+
+  torch_s = _median_time(lambda: torch_step() or jnp.zeros(()), _STEPS.value)
+  return ["| rows x length | heads (q / kv) x dim | PyTorch SDPA ms | JAX " + impl + " ms | JAX / PyTorch |",
+          "|---|---|---|---|---|",
+          f"| {b} x {length} | {m.num_heads} / {m.num_kv_heads} x {m.head_dim} | {torch_s * 1e3:.1f} | "
+          f"{jax_s * 1e3:.1f} | {jax_s / torch_s:.2f} |"]
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -174,7 +214,7 @@ def main(argv):
             f"{platform.machine()}), jax {jax.__version__}, {datetime.date.today()}")
   sections = []
   for what, fn in (("train", bench_train), ("attention", bench_attention), ("data", bench_data),
-                   ("torch", bench_torch)):
+                   ("torch", bench_torch), ("torch_attention", bench_torch_attention)):
     if what in _WHAT.value:
       rows = fn(config)
       sections.append((what, rows))
