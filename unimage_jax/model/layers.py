@@ -50,8 +50,8 @@ def _contract_cpu(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
   gradient ``dy [T, O]``. Left to autodiff, XLA:CPU writes ``dy`` transposed (for the MLP's gate
   and up projections, ``[T, 768]`` from a fused elementwise loop, about 8 ns an element) so that
   its dot reads row-major operands; transposing the input instead moves 3x fewer elements, and
-  the MLP's forward + backward takes 0.6x the time (BENCHMARKS.md, "Train step against eager
-  PyTorch"). Same values as autodiff's gradient (``tests/test_layers.py``).
+  the tiny train step takes 0.95x the time (BENCHMARKS.md, "The dense layers' kernel gradient on
+  the CPU"). Same values as autodiff's gradient (``tests/test_dense_product.py``).
   """
   return _contract(x, kernel, n_in)
 
