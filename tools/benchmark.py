@@ -174,16 +174,13 @@ def bench_torch_attention(config) -> list[str]:
   from data_pipelines import pipeline
   from unimage_jax.attention import attention
   from unimage_jax.attention.dispatch import resolve_impl
-  from unimage_jax.layout import TokenMeta, token_meta
   from unimage_jax.model import row_shards
   from unimage_jax.torch_serving.model import meta_attention
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   pipeline.ensure_dataset(config, verbose=False)
   m = config.model
   batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
-  und, gen = token_meta(batch, "und"), token_meta(batch, "gen")
-  shards = row_shards.length_shards(und[0].shape[1], gen[0].shape[1])
-  meta = TokenMeta(*(row_shards.join(jnp.asarray(u), jnp.asarray(g), shards) for u, g in zip(und, gen)))
+  meta = row_shards.joint_meta(batch)
   b, length = meta[0].shape
   rng = np.random.default_rng(0)
   q = rng.normal(size=(b, length, m.num_heads, m.head_dim)).astype(np.float32)

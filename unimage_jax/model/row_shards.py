@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from unimage_jax.attention import mesh_context
+from unimage_jax.layout import TokenMeta, token_meta
 
 
 def length_shards(und_len: int, gen_len: int) -> int:
@@ -58,3 +59,11 @@ def join_slots(und_len: int, gen_len: int, shards: int):
   ``[und | gen]`` (numpy; for measurements and tests)."""
   import numpy as np
   return np.asarray(join(jnp.arange(und_len)[None], und_len + jnp.arange(gen_len)[None], shards))[0]
+
+
+def joint_meta(batch) -> TokenMeta:
+  """The visibility metadata of a row's joint attention sequence (fields ``[B, Lu + Lg]``), laid
+  out as :func:`join` lays out the row's activations."""
+  und, gen = token_meta(batch, "und"), token_meta(batch, "gen")
+  shards = length_shards(und[0].shape[1], gen[0].shape[1])
+  return TokenMeta(*(join(jnp.asarray(u), jnp.asarray(g), shards) for u, g in zip(und, gen)))

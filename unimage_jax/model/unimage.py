@@ -13,7 +13,7 @@ import ml_collections
 from flax import nnx
 
 from unimage_jax.config_validation import flow_prediction
-from unimage_jax.layout import TokenMeta, token_meta
+from unimage_jax.layout import TokenMeta
 from unimage_jax.model import constraints, layers, row_shards
 from unimage_jax.model.mot import MoTDecoder
 from unimage_jax.model.positional import rope_tables, sincos_2d_table, timestep_sinusoid
@@ -149,10 +149,7 @@ class UniMAGE(nnx.Module):
                                   constraints.HIDDEN)  # [B, Lg, E]
     rope_und = rope_tables(batch["und_positions"], cfg.head_dim, cfg.rope_theta)
     rope_gen = rope_tables(batch["gen_positions"], cfg.head_dim, cfg.rope_theta)
-    und_meta, gen_meta = token_meta(batch, "und"), token_meta(batch, "gen")
-    shards = row_shards.length_shards(und_meta[0].shape[1], gen_meta[0].shape[1])
-    meta = TokenMeta(*(row_shards.join(u, g, shards) for u, g in zip(und_meta, gen_meta)))  # [B, Lu+Lg]
-    return h_und, h_gen, rope_und, rope_gen, meta
+    return h_und, h_gen, rope_und, rope_gen, row_shards.joint_meta(batch)  # meta fields [B, Lu+Lg]
 
   def velocity(self, h_gen: jax.Array, noisy_latents: jax.Array, timesteps: jax.Array) -> jax.Array:
     """Final gen hidden states -> latent velocity ``[B, Lg, Dl]`` (fp32).
