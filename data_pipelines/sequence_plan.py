@@ -33,6 +33,10 @@ use to fill a row's tail (``packing.FirstFitPacker``). A cut script continuation
   loss)] [its noised copies]; ``data.subject_alone`` is the share that keep only the subject's
   cast line, ``data.subject_spelled_out`` the share whose frame line spells the subject out.
 
+With ``data.keyframe_caption`` every noised keyframe (all tasks) follows a no-loss text of the
+definition lines of what its frame line names (``prompt_layout.caption_lines``), which the
+director writes before each keyframe it draws.
+
 Text lines are encoded one by one (``line + "\\n"``) so a prefix of a script always has the same
 tokens as the whole script's prefix; the director encodes the same way (``unimage_jax/prompt_layout.py``
 holds the layout both use).
@@ -85,6 +89,7 @@ class PlanConfig:
   name_loss_weight: float = 1.0  # loss weight of the labels that are a cast line's name tokens
   subject_spelled_out: float = 0.0  # subject task: probability of the frame line spelling the subject out
   place_change_copies: int = 0  # interleaved task: noised copies of a keyframe whose place changes (0: noised_copies)
+  keyframe_caption: str = "none"  # the no-loss text before each noised keyframe (prompt_layout.caption_lines)
 
   @classmethod
   def from_config(cls, config) -> "PlanConfig":
@@ -117,6 +122,7 @@ class PlanConfig:
         name_loss_weight=float(d.get("name_loss_weight", 1.0)),
         subject_spelled_out=float(d.get("subject_spelled_out", 0.0)),
         place_change_copies=int(d.get("place_change_copies", 0)),
+        keyframe_caption=str(d.get("keyframe_caption", "none")),
     )
 
 
@@ -213,6 +219,12 @@ class Planner:
       tokens, h, w = image_to_tokens(resize(frame, c.image_size), c.pixel_downsample, c.latent_patch_size)
     return prompt_layout.image_segment(self.tok, tokens, h, w, noised)  # [h*w, D]
 
+  def _caption(self, script: Script, k: int) -> list[layout.Segment]:
+    """``[caption of shot k]`` (no loss; ``data.keyframe_caption``), or nothing: the segment the
+    director writes before keyframe k (``prompt_layout.caption_lines``)."""
+    lines = prompt_layout.caption_lines(header_lines(script), frame_line(script, k), self.cfg.keyframe_caption)
+    return [self._text(lines, False)] if lines else []
+
   def _vit(self, frame) -> VitSegment:
     image = frame.pixels if isinstance(frame, CachedFrame) else frame
     patches, h, w = vit_patches(resize(image, self.cfg.image_size), self.cfg.vit_patch_size)
@@ -252,7 +264,8 @@ class Planner:
     if self.cfg.place_change_copies:  # the shots that the previous keyframe's place would get wrong
       places = [tuple(referenced(shot.frame, "Environment")) for shot in script.shots]
       copies = [self.cfg.place_change_copies if k and places[k] != places[k - 1] else c for k, c in enumerate(copies)]
-    images = [(self._image(f, True),) * n + (self._image(f, False),) for f, n in zip(frames, copies)]
+    images = [(*self._caption(script, k), *(self._image(f, True),) * n, self._image(f, False))
+              for k, (f, n) in enumerate(zip(frames, copies), start=1)]
     n_shots = len(script.shots)
 
     def prefix(n: int, with_tail: bool) -> list[layout.Segment]:
@@ -281,7 +294,7 @@ class Planner:
     its frame line, so these short samples teach the image tokens to read the cast and place
     lines without the history that later shots also need."""
     del rng  # plan() checked one keyframe per shot, and a valid script has a shot
-    segs = [self._first_text(script)] + [self._image(frames[0], True)] * self.cfg.noised_copies
+    segs = [self._first_text(script), *self._caption(script, 1)] + [self._image(frames[0], True)] * self.cfg.noised_copies
     return self._fitting([segs], f"the opening shot of {script.prompt[:40]!r}")
 
   def subject(self, script: Script, frames, rng: np.random.Generator):
@@ -299,7 +312,7 @@ class Planner:
       header = [line for line in header if not line.startswith("<Character") or line.startswith(own)]
     spelled = self.cfg.subject_spelled_out > 0 and rng.random() < self.cfg.subject_spelled_out
     line = prompt_layout.spelled_out_frame_line(script, k) if spelled else frame_line(script, k)
-    segs = [self._text(header + [line], False)]
+    segs = [self._text(header + [line], False), *self._caption(script, k)]
     segs += [self._image(frames[k - 1], True)] * self.cfg.noised_copies
     return self._fitting([segs], f"shot {k} of {script.prompt[:40]!r} after the header")
 
@@ -347,7 +360,7 @@ class Planner:
       for pair in earlier:
         segs += pair
       if not drop_text:
-        segs.append(self._text([frame_line(script, k)], False))
+        segs += [self._text([frame_line(script, k)], False), *self._caption(script, k)]
       segs.append(target)
       return segs
 

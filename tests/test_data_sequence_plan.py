@@ -16,6 +16,7 @@ from unimage_jax.tokenizer import Tokenizer
 
 
 def _planner(**data):
+  data.setdefault("keyframe_caption", "none")  # the plain layouts; the caption tests name theirs
   c = data_fixtures.tiny_config(**data)
   return Planner(PlanConfig.from_config(c), Tokenizer(c.data.tokenizer_path, c.model.vocab_size)), c
 
@@ -276,3 +277,73 @@ def test_subject_spelled_out_puts_the_cast_line_in_place_of_the_tag():
     assert all(line in text for line in header_lines(script))  # the header is untouched
   with pytest.raises(Exception, match="config.data.subject_spelled_out"):
     PlanConfig.from_config(data_fixtures.tiny_config(subject_spelled_out=-0.1))
+
+
+def _caption_text(p, seg) -> str:
+  assert isinstance(seg, TextSegment) and not seg.train
+  assert seg.token_ids[0] == p.tok.im_start and seg.token_ids[-1] == p.tok.im_end
+  return p.tok.decode(seg.token_ids[1:-1]).strip()
+
+
+def test_place_caption_puts_the_shots_environment_line_before_its_noised_keyframe():
+  """``data.keyframe_caption="place"``: every noised keyframe of every task follows a no-loss text holding
+  the environment line its frame line names; off, the layouts are unchanged."""
+  rec = _record(5)
+  script = rec["script"]
+  env_line = lambda k: next(line for line in header_lines(script)
+                            if line.startswith(f"<Environment{referenced(script.shots[k - 1].frame, 'Environment')[0]}>:"))
+  p, _ = _planner(keyframe_caption="place", noised_copies=2, tasks={"interleaved": 1.0, "opening": 1.0, "subject": 1.0,
+                                                              "keyframe": 1.0, "script": 1.0})
+  off, _ = _planner(noised_copies=2, keyframe_caption="none")
+  segs = p.plan(rec, np.random.default_rng(0), "interleaved").segments
+  plain = off.plan(rec, np.random.default_rng(0), "interleaved").segments
+  k = (len(plain) - 1) // 4
+  assert _kinds(plain) == ["T"] + ["N", "N", "C", "T"] * k
+  assert _kinds(segs) == ["T"] + ["T", "N", "N", "C", "T"] * k
+  for shot in range(1, k + 1):
+    assert _caption_text(p, segs[1 + 5 * (shot - 1)]) == env_line(shot)
+  # the other segments are the plain layout's, token for token
+  rest = [s for i, s in enumerate(segs) if i == 0 or (i - 1) % 5]
+  content = lambda s: (s.token_ids if isinstance(s, TextSegment) else s.latents).tolist()
+  assert [content(s) for s in rest] == [content(s) for s in plain]
+  opening = p.plan(rec, np.random.default_rng(0), "opening").segments
+  assert _kinds(opening) == ["T", "T", "N", "N"] and _caption_text(p, opening[1]) == env_line(1)
+  subject = p.plan(rec, np.random.default_rng(0), "subject").segments
+  assert _kinds(subject) == ["T", "T", "N", "N"]
+  shot = int(re.search(r"<Frame(\d+)>", p.tok.decode(subject[0].token_ids)).group(1))
+  assert _caption_text(p, subject[1]) == env_line(shot)
+  keyframe = _planner(keyframe_caption="place", text_cond_dropout=0.0, vae_cond_dropout=0.0)[0].plan(
+      rec, np.random.default_rng(3), "keyframe").segments
+  assert _kinds(keyframe)[-3:] == ["T", "T", "N"]
+  shot = int(re.search(r"<Frame(\d+)>", p.tok.decode(keyframe[-3].token_ids)).group(1))
+  assert _caption_text(p, keyframe[-2]) == env_line(shot)
+  dropped = _planner(keyframe_caption="place", text_cond_dropout=1.0, vae_cond_dropout=1.0)[0].plan(
+      rec, np.random.default_rng(3), "keyframe").segments
+  assert _kinds(dropped) == ["N"]  # text dropout drops the caption with the other texts
+
+
+def test_caption_lines_take_what_the_frame_line_names_from_any_text():
+  from unimage_jax.prompt_layout import caption_lines, place_caption_lines
+  text = ["<Prompt>: Ona walks.", "<Character1>: Ona, a small red circle.", "<Character2>: Bo, a big blue square.",
+          "<Environment1>: A dim cave.", "<Environment2>: A green garden.",
+          "<Frame1>: Wide shot: in <Environment1>, <Character1> stands."]
+  close = "<Frame2>: Close-up: <Character2> jumps in <Environment2>."
+  wide = "<Frame3>: Wide shot: <Character2> and <Character1> arrive in <Environment1>."
+  assert caption_lines(text, close, "none") == caption_lines(text, wide, "none") == []
+  assert caption_lines(text, close, "place") == ["<Environment2>: A green garden."]
+  assert caption_lines(text, close, "subject_place") == ["<Character2>: Bo, a big blue square.",
+                                                         "<Environment2>: A green garden."]
+  assert caption_lines(text, wide, "subject_place") == ["<Environment1>: A dim cave."]  # two characters: no subject
+  assert caption_lines(text, wide, "cast_place") == ["<Character1>: Ona, a small red circle.",
+                                                     "<Character2>: Bo, a big blue square.", "<Environment1>: A dim cave."]
+  with pytest.raises(ValueError, match="keyframe caption 'places'"):
+    caption_lines(text, close, "places")
+  with pytest.raises(ValueError, match="config.data.keyframe_caption='places'"):
+    from unimage_jax.config_validation import validate_config
+    validate_config(data_fixtures.tiny_config(keyframe_caption="places"))
+  assert place_caption_lines(text, "<Frame2>: Wide shot: <Character1> arrives in <Environment2>.") == \
+      ["<Environment2>: A green garden."]
+  assert place_caption_lines(text, "<Frame2>: from <Environment2> to <Environment1>.") == \
+      ["<Environment1>: A dim cave.", "<Environment2>: A green garden."]
+  assert place_caption_lines(text, "<Frame2>: <Character1> arrives in <Environment3>.") == []  # not defined
+  assert place_caption_lines(text, "<Frame2>: Close-up: <Character1> jumps.") == []

@@ -207,3 +207,90 @@ def test_schema_constraints_ban_the_tags_a_chunk_after_a_keyframe_may_not_use(di
     director.apply_overrides(["schema_constrained=true"])
   with pytest.raises(DirectorError, match="schema_constrained=maybe"):
     director.apply_overrides(["schema_constrained=maybe"])
+
+
+TWO_PLACES = """<Prompt>: A walk
+<Character1>: Nia, a small pink circle.
+<Environment1>: A park with one tree.
+<Environment2>: A dim cave.
+<Frame1>: Wide shot: <Character1> stands in <Environment1>.
+<Video1>: <Character1> waves.
+<Frame2>: Close-up: <Character1> jumps in <Environment2>.
+<Video2>: <Character1> lands.
+"""
+
+
+@pytest.fixture(scope="module")
+def captioned_director():
+  c = data_fixtures.tiny_config(keyframe_caption="place")
+  c.model.update(num_layers=1, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
+  c.inference.update(num_steps=2, cache_capacity=1024)
+  params, tables = functional.init_params(c.model, 0)
+  return Director(c, params, tables, Tokenizer(c.data.tokenizer_path, c.model.vocab_size))
+
+
+def _record_layout(director, monkeypatch) -> list[tuple]:
+  """What the director puts in its cache, in order: ("T", text ids) / ("C",) per prefilled
+  segment, ("N",) per keyframe sampled."""
+  from unimage_jax.layout import TextSegment
+  seen: list[tuple] = []
+  prefill, sample = director.engine.prefill, director.keyframes.sample
+
+  def recording_prefill(cache, rows):
+    seen.extend(("T", s.token_ids.tolist()) if isinstance(s, TextSegment) else ("C",) for s in rows[0])
+    return prefill(cache, rows)
+
+  def recording_sample(cache, rng, rows):
+    seen.append(("N",))
+    return sample(cache, rng, rows)
+
+  monkeypatch.setattr(director.engine, "prefill", recording_prefill)
+  monkeypatch.setattr(director.keyframes, "sample", recording_sample)
+  return seen
+
+
+def test_place_caption_director_lays_out_the_planners_interleaved_sample(captioned_director, monkeypatch):
+  """Teacher-forced drawing with ``data.keyframe_caption="place"``: the director's cache holds the planner's
+  interleaved sample, caption segments included, token for token, each keyframe sampled where the
+  planner put its noised copy."""
+  from data_pipelines.sequence_plan import PlanConfig, Planner
+  from unimage_jax.layout import TextSegment
+  d = captioned_director
+  script = script_schema.parse(TWO_PLACES)
+  seen = _record_layout(d, monkeypatch)
+  images = d.keyframes.draw_interleaved(script, jax.random.key(0), [])
+  assert len(images) == 2
+  planner = Planner(PlanConfig.from_config(d.config), d.tok)
+  record = {"story_id": "two", "script": script, "keyframes": images}
+  trained = [("T", s.token_ids.tolist()) if isinstance(s, TextSegment) else ("N",) if s.noised else ("C",)
+             for s in planner.plan(record, np.random.default_rng(0), "interleaved").segments]
+  assert seen == trained[:len(seen)] and len(seen) == len(trained) - 2  # all but keyframe 2's clean copy and <Video2>
+  texts = [d.tok.decode(x[1][1:-1]).strip() for x in seen if x[0] == "T"]
+  captions = [t for t in texts if t.startswith("<Environment")]
+  assert captions == ["<Environment1>: A park with one tree.", "<Environment2>: A dim cave."]
+
+
+def test_place_caption_free_run_writes_the_caption_of_the_frame_line_it_wrote(captioned_director, monkeypatch):
+  """Free run: after the model closes a ``<Framek>`` line, the director prefills the caption of the
+  place that line names (from the environment lines the model wrote), then samples the keyframe."""
+  d = captioned_director
+  header = TWO_PLACES.split("<Frame1>")[0].split("\n", 1)[1]  # what the model writes after the prompt line
+  chunks = [header + "<Frame1>: Wide shot: <Character1> stands in <Environment1>.\n",
+            ": <Character1> waves.\n<Frame2>: Close-up: <Character1> jumps in <Environment2>.\n",  # after <Video1>
+            ": <Character1> lands.\n"]  # after <Video2>: no frame line, the storyboard ends
+  seen = _record_layout(d, monkeypatch)
+
+  def scripted_generate(cache, logits, rng, max_new, banned=None):
+    return cache, chunks.pop(0), True  # each chunk closed by <|im_end|>
+
+  monkeypatch.setattr(d.writer, "generate", scripted_generate)
+  text, images = d.writer.direct_interleaved("A walk", jax.random.key(0), None, None)
+  assert len(images) == 2 and "<Frame2>" in text
+  before_sample = [seen[i - 1] for i, x in enumerate(seen) if x == ("N",)]
+  assert [d.tok.decode(ids[1:-1]).strip() for _, ids in before_sample] == \
+      ["<Environment1>: A park with one tree.", "<Environment2>: A dim cave."]
+  # the room kept free for a caption when deciding whether a shot fits: the longest place line
+  from unimage_jax.prompt_layout import line_ids
+  places = [line for line in TWO_PLACES.splitlines() if line.startswith("<Environment")]
+  assert d.layout.caption_room(TWO_PLACES.splitlines()) == max(len(line_ids(d.tok, p)) for p in places) + 2
+  assert d.layout.caption_room(["<Prompt>: A walk"]) == 2  # nothing defined yet

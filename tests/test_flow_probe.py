@@ -78,10 +78,13 @@ def test_frame_line_reads_in_the_subject_layout_and_the_noise_draw():
   director, records, probe = _random_model_probe()
   record = records[0]
   segs = probe_segments(probe.planner, record, record, 3, "subject", "full").segments
-  # the header and shot 3's frame line as context (no loss), then the noised target: no other image
-  assert [type(s).__name__ for s in segs] == ["TextSegment", "ImageSegment"]
+  # the header and shot 3's frame line as context (no loss), its caption (the tiny config's place
+  # line), then the noised target: no other image
+  assert [type(s).__name__ for s in segs] == ["TextSegment", "TextSegment", "ImageSegment"]
   text = director.tok.decode(list(segs[0].token_ids))
   assert frame_line(record["script"], 3) in text and "<Frame2>" not in text and not segs[0].train
+  place = referenced(record["script"].shots[2].frame, "Environment")[0]
+  assert director.tok.decode(list(segs[1].token_ids[1:-1])).strip().startswith(f"<Environment{place}>:")
 
   seen, character2 = [], director.tok.encode("<Character2>")[-1]
   def leaky(row, t, eps, read_t=None, shuffle=None):

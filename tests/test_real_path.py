@@ -153,3 +153,39 @@ def test_tiny_vae_trains_and_reconstructs_flat_frames():
   assert after > before + 3, (before, after)
   z = store.Codec(vae, 2).encode(images[:32])
   assert 0.5 < float(np.std(z)) < 2.0 and abs(float(np.mean(z))) < 0.5, metrics
+
+
+def test_keyframe_captions_on_the_real_path(tmp_path):
+  """``data.keyframe_caption='place'`` with the HF tokenizer and cached VAE latents: the planner puts
+  the shot's environment line, in HF tokens, before the cached latents of its noised keyframe, and
+  the director writes the same caption before each keyframe it draws."""
+  from data_pipelines.sequence_plan import PlanConfig, Planner
+  c = _config(tmp_path)
+  c.data.keyframe_caption = "place"
+  pipeline.ensure_dataset(c, verbose=False)
+  tok = load_tokenizer(c.data.tokenizer_path, c.model.vocab_size)
+  source = latent_cache.WithLatents(load_source(c.data.data_dir, "storyworld", "train"),
+                                    latent_cache.LatentCache(latent_cache.cache_dir(c, "train")))
+  record = decode_record(source[5])
+  record["latents"] = source[5]["latents"]
+  script = record["script"]
+  segs = Planner(PlanConfig.from_config(c), tok).plan(record, np.random.default_rng(0), "interleaved").segments
+  env_of = lambda k: f"<Environment{script_schema.referenced(script.shots[k - 1].frame, 'Environment')[0]}>:"
+  first_noised = next(i for i, s in enumerate(segs) if isinstance(s, layout.ImageSegment) and s.noised)
+  caption = segs[first_noised - 1]
+  assert isinstance(caption, layout.TextSegment) and not caption.train
+  assert tok.decode(caption.token_ids[1:-1]).strip().startswith(env_of(1))
+  np.testing.assert_allclose(segs[first_noised].latents, np.asarray(record["latents"]["tokens"][0]))
+
+  c.inference.update(num_steps=2, cache_capacity=1024)
+  params, tables = functional.init_params(c.model, 0)
+  director = Director(c, params, tables, tok)
+  prefilled, sample = [], director.keyframes.sample
+  prefill = director.engine.prefill
+  director.engine.prefill = lambda cache, rows: prefilled.append(rows[0]) or prefill(cache, rows)
+  captions = []
+  director.keyframes.sample = lambda cache, rng, rows: captions.append(prefilled[-1]) or sample(cache, rng, rows)
+  two = script_schema.Script(script.prompt, script.characters, script.environments, script.shots[:2])
+  images = director.keyframes.draw_interleaved(two, jax.random.key(0), [])
+  assert len(images) == 2 and all(im.shape == (32, 32, 3) for im in images)
+  assert [tok.decode(rows[-1].token_ids[1:-1]).strip().split(" ")[0] for rows in captions] == [env_of(1), env_of(2)]

@@ -15,4 +15,6 @@ FLOW_PREDICTIONS = ("velocity", "x0")  # what llm2vae predicts (config.model.flo
 SCHEDULES = ("cosine", "constant", "linear")  # learning-rate schedules: training/optimizer.py
 PARAM_GROUPS = ("und_expert", "gen_expert", "embeddings", "lm_head", "latent_io", "connector", "vit")
 INFERENCE_MODES = ("auto", "interleaved", "disentangled")  # config.inference.mode
+# config.data.keyframe_caption: the no-loss text before each noised keyframe (prompt_layout.caption_lines)
+KEYFRAME_CAPTIONS = ("none", "place", "subject_place", "cast_place")
 RENORM_TYPES = ("global", "channel", "text_channel")  # guidance renormalisation: inference/flow.py

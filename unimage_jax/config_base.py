@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
   # interleaved task: noised copies of a keyframe whose place differs from the previous shot's
   # (0: noised_copies): more loss where copying the previous keyframe's place is wrong
   d.place_change_copies = 0
+  # every task: a no-loss text right before each noised keyframe, which the director writes too:
+  # the definition lines of what the shot's frame line names (none | place | subject_place |
+  # cast_place; prompt_layout.caption_lines), the description one read from the picture
+  d.keyframe_caption = "none"
   # context parallelism: the slots each sequence shard holds. contiguous: piece i of each buffer;
   # zigzag: chunks i and 2S-1-i of 2S (evens the causal-like attention work; README "Context
   # parallelism"); needs und_len and gen_len divisible by 2 * mesh.sequence

@@ -12,7 +12,7 @@ import math
 import ml_collections
 
 from unimage_jax.choices import (ATTENTION_IMPLS, AUTOENCODERS, CONTEXT_PARALLEL, FLOAT_DTYPES, FLOW_PREDICTIONS,
-                                 INFERENCE_MODES, PARAM_GROUPS, REMAT_POLICIES, RENORM_TYPES, SCHEDULES,
+                                 INFERENCE_MODES, KEYFRAME_CAPTIONS, PARAM_GROUPS, REMAT_POLICIES, RENORM_TYPES, SCHEDULES,
                                  XLA_ATTENTION_IMPLS)
 from unimage_jax.errors import UserError
 
@@ -109,6 +109,9 @@ def _data_errors(c: ml_collections.ConfigDict) -> list[str]:
   weights = {k: float(v) for k, v in d.tasks.items()}
   if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
     errors.append(f"config.data.tasks={weights} must be non-negative with a positive sum")
+  caption = d.get("keyframe_caption", "none")
+  if caption not in KEYFRAME_CAPTIONS:
+    errors.append(f"config.data.keyframe_caption={caption!r} must be one of {KEYFRAME_CAPTIONS}")
   for name in ("precontext_split_prob", "text_cond_dropout", "vit_cond_dropout", "vae_cond_dropout"):
     if not 0.0 <= float(d[name]) <= 1.0:
       errors.append(f"config.data.{name}={d[name]} must be a probability in [0, 1]")

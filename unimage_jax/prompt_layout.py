@@ -18,8 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
+from unimage_jax.choices import KEYFRAME_CAPTIONS
 from unimage_jax.layout import ImageSegment, TextSegment, VitSegment
-from unimage_jax.script_schema import Script, frame_line, header_lines, video_line
+from unimage_jax.script_schema import Script, frame_line, header_lines, referenced, video_line
 
 
 def line_ids(tok, line: str) -> list[int]:
@@ -89,6 +90,50 @@ def spelled_out_frame_line(script: Script, k: int) -> str:
   can tell a model that cannot resolve tags from one that cannot draw what it is told."""
   spell = lambda m: script.characters[int(m.group(1)) - 1].rstrip(".") + ","
   return f"<Frame{k}>: " + _CHARACTER_TAG.sub(spell, script.shots[k - 1].frame)
+
+
+def caption_lines(lines: Sequence[str], frame: str, kind: str) -> list[str]:
+  """The keyframe caption (``data.keyframe_caption``) of the shot whose frame line is ``frame``:
+  the definition lines among ``lines`` (the header, or the script text written so far) of what
+  the frame line names, the places last (nearest the picture). ``kind``: ``none``; ``place`` (the
+  ``<EnvironmentK>`` lines); ``subject_place`` (also the ``<CharacterK>`` line of a frame that
+  names one character: a medium shot or close-up's subject); ``cast_place`` (every named
+  character's line). A tag that ``lines`` does not define contributes nothing.
+
+  Why: the place of shot k is the frame line's ``<EnvironmentK>`` resolved through the K-th
+  environment line, a two-read lookup the tiny model does not form; copying the previous keyframe
+  pays instead, and is wrong where the place changes (README, "Diagnosing the keyframes"). A
+  caption segment right before the picture holds the description itself, one read away.
+  """
+  if kind not in KEYFRAME_CAPTIONS:
+    raise ValueError(f"keyframe caption {kind!r} must be one of {KEYFRAME_CAPTIONS}")
+  if kind == "none":
+    return []
+  cast = cast_caption_lines(lines, frame)
+  if kind == "place" or (kind == "subject_place" and len(cast) != 1):
+    cast = []
+  return cast + place_caption_lines(lines, frame)
+
+
+def place_caption_lines(header: Sequence[str], frame: str) -> list[str]:
+  """The ``<EnvironmentK>`` lines of ``header`` for the places the ``frame`` line names, in tag
+  order (none for a tag the header lacks)."""
+  return _defined_lines(header, "Environment", referenced(frame, "Environment"))
+
+
+def cast_caption_lines(header: Sequence[str], frame: str) -> list[str]:
+  """The ``<CharacterK>`` lines of ``header`` for the characters the ``frame`` line names."""
+  return _defined_lines(header, "Character", referenced(frame, "Character"))
+
+
+def _defined_lines(lines: Sequence[str], kind: str, indices: Sequence[int]) -> list[str]:
+  """The first ``<{kind}K>:`` line of ``lines`` for each K in ``indices`` that has one."""
+  defined: dict[int, str] = {}
+  for line in lines:
+    m = re.match(rf"<{kind}(\d+)>:", line)
+    if m is not None:
+      defined.setdefault(int(m.group(1)), line)
+  return [defined[k] for k in indices if k in defined]
 
 
 def tail_lines(script: Script, k: int) -> list[str]:

@@ -53,16 +53,17 @@ def context_segments(planner, script, frames: Sequence[np.ndarray], k: int, task
   n = len(text.shots)
   kk = lambda j: min(j, n)
   if task == "subject":  # the subject task's layout: the header and this shot's frame line, no image
-    return [planner._text(header_lines(text) + [frame_line(text, kk(k))], False)]
+    return [planner._text(header_lines(text) + [frame_line(text, kk(k))], False), *planner._caption(text, kk(k))]
   clean = [planner._image(frames[j - 1], noised=False) for j in range(1, k)]
   if task == "interleaved":
     segs: list[layout.Segment] = [planner._text(header_lines(text) + [frame_line(text, 1)], True)]
     for j in range(1, k):
-      segs.append(clean[j - 1])
+      segs += [*planner._caption(text, kk(j)), clean[j - 1]]
       segs.append(planner._text([video_line(text, kk(j)), frame_line(text, kk(j + 1))], True))
-    return segs
+    return segs + planner._caption(text, kk(k))
   lines = header_lines(text) + sum(([frame_line(text, j), video_line(text, j)] for j in range(1, n + 1)), [])
-  return [planner._text(lines, False), *clean, planner._text([frame_line(text, kk(k))], False)]
+  return [planner._text(lines, False), *clean, planner._text([frame_line(text, kk(k))], False),
+          *planner._caption(text, kk(k))]
 
 
 def probe_segments(planner, record, other, k: int, task: str, variant: str) -> ProbeRow:
@@ -261,7 +262,8 @@ class FlowProbe:
           continue
         line = spelled_out_frame_line(script, k) if spelled_out else frame_line(script, k)
         target = self.planner._image(record["keyframes"][k - 1], noised=True)
-        probe = _fit_row(ProbeRow([self.planner._text(header_lines(script) + [line], False), target],
+        caption = self.planner._caption(script, k)
+        probe = _fit_row(ProbeRow([self.planner._text(header_lines(script) + [line], False), *caption, target],
                                   target.latents), self.sizes)
         v, x_t = self.velocity_of(probe, 1.0, rng.standard_normal(probe.target.shape).astype(np.float32))
         shots.append(metrics.score_shot(sem, story, k - 1, decode(x_t - v))[0])

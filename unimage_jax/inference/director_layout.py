@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from unimage_jax import layout, prompt_layout, script_schema
+from unimage_jax.choices import KEYFRAME_CAPTIONS
 from unimage_jax.config_validation import INFERENCE_MODES, image_tokens
 from unimage_jax.images import resize, vit_patches
 from unimage_jax.inference.image_codec import ImageCodec
@@ -60,10 +61,36 @@ class DirectorLayout:
     # understanding copies of context keyframes through the ViT, as the keyframe task trained them
     self.use_vit = bool(config.data.use_vit_context) and bool(config.model.vit.enabled)
     self.vit_patch = config.model.vit.patch_size if self.use_vit else None
+    # the keyframe caption the planner put before every noised keyframe (data.keyframe_caption)
+    self.caption_kind = str(config.data.get("keyframe_caption", "none"))
+    if self.caption_kind not in KEYFRAME_CAPTIONS:
+      raise DirectorError(f"config.data.keyframe_caption={self.caption_kind!r} must be one of {KEYFRAME_CAPTIONS}")
 
   def text(self, lines: Sequence[str], close: bool = True) -> layout.TextSegment:
     """Script lines as a context text (no loss at inference); ``close=False`` leaves it open."""
     return prompt_layout.text_segment(self.tok, prompt_layout.encode_lines(self.tok, lines), train=False, close=close)
+
+  def caption(self, lines: Sequence[str], frame: str) -> list[layout.Segment]:
+    """The keyframe caption before a keyframe whose frame line is ``frame``, as the planner lays it
+    out: the definition lines among ``lines`` (the script written so far) of what ``frame`` names
+    (``prompt_layout.caption_lines``); nothing when the checkpoint trained without captions or the
+    frame names nothing defined."""
+    found = prompt_layout.caption_lines(lines, frame, self.caption_kind)
+    return [self.text(found)] if found else []
+
+  def caption_room(self, lines: Sequence[str]) -> int:
+    """Cache slots the longest caption a frame line could get from ``lines`` takes (0 without
+    captions): what the director keeps free for it when it decides whether a shot still fits."""
+    if self.caption_kind == "none":
+      return 0
+    sizes = lambda kind: [len(prompt_layout.line_ids(self.tok, line)) for line in lines if line.startswith(f"<{kind}")]
+    places, cast = sizes("Environment"), sizes("Character")
+    room = max(places, default=0)
+    if self.caption_kind == "subject_place":
+      room += max(cast, default=0)
+    elif self.caption_kind == "cast_place":
+      room += sum(cast)
+    return room + 2  # <|im_start|> ... <|im_end|>
 
   def opened_tag(self, tag: str) -> layout.TextSegment:
     """``<|im_start|> <tag>``: a text the director starts and the model goes on writing."""

@@ -81,9 +81,11 @@ class KeyframeDrawer:
     for img in earlier:
       ctx_img = seg.context_image(img)
       base, _ = engine.prefill(base, [ctx_img, ctx_img, []][:rows])
+    header = script_schema.header_lines(script)
     for k in range(len(earlier) + 1, len(script.shots) + 1):
-      frame = seg.text([script_schema.frame_line(script, k)])
-      ctx, _ = engine.prefill(base, [[frame], [], [frame]][:rows])
+      line = script_schema.frame_line(script, k)
+      frame = [seg.text([line]), *seg.caption(header, line)]
+      ctx, _ = engine.prefill(base, [frame, [], frame][:rows])
       rng, key = jax.random.split(rng)
       latents = self.sample(ctx, key, rows)
       images.append(seg.codec.decode(latents))
@@ -98,11 +100,15 @@ class KeyframeDrawer:
     cache = self.fresh_cache(references, 1)
     n = len(script.shots)
     tail = lambda k: seg.text(prompt_layout.tail_lines(script, k))
+    header = script_schema.header_lines(script)
+    caption = lambda k: seg.caption(header, script_schema.frame_line(script, k))
     cache, _ = engine.prefill(cache, [[seg.text(prompt_layout.first_text_lines(script))]])
     images = list(earlier)
     for k, img in enumerate(earlier, start=1):
-      cache, _ = engine.prefill(cache, [[seg.image(seg.codec.encode(img), False), tail(k)]])
+      cache, _ = engine.prefill(cache, [[*caption(k), seg.image(seg.codec.encode(img), False), tail(k)]])
     for k in range(len(earlier) + 1, n + 1):
+      if caption(k):
+        cache, _ = engine.prefill(cache, [caption(k)])
       rng, key = jax.random.split(rng)
       latents = self.sample(cache, key, 1)
       images.append(seg.codec.decode(latents))

@@ -94,11 +94,12 @@ class ScriptWriter:
         last = k == len(context.keyframes)
         tail = prompt_layout.tail_lines(old, k)[:1 if last else None]  # the last: its video line, left open
         clean = seg.image(seg.codec.encode(img), False)
-        cache, logits = engine.prefill(cache, [[clean, seg.text(tail, close=not last)]])
+        caption = seg.caption(script_schema.header_lines(old), script_schema.frame_line(old, k))
+        cache, logits = engine.prefill(cache, [[*caption, clean, seg.text(tail, close=not last)]])
         images.append(img)
       text = script_schema.render(old)
     while True:
-      budget = cap - int(np.asarray(cache.length)[0]) - seg.grid * seg.grid - 8
+      budget = cap - int(np.asarray(cache.length)[0]) - seg.grid * seg.grid - 8 - seg.caption_room(text.splitlines())
       if budget <= 8:
         if not images and text.count("\n") <= 1:  # not even the first shot fits: say so, do not resample
           raise self.cache_room_error(int(np.asarray(cache.length)[0]), "a shot and its keyframe")
@@ -113,6 +114,11 @@ class ScriptWriter:
       wants_image = stopped and last_line.startswith(f"<Frame{k}>")
       if not wants_image or (shots is not None and k > shots):
         break
+      caption = seg.caption(text.splitlines(), last_line)
+      if caption:  # the keyframe caption the planner puts before every noised keyframe
+        if int(np.asarray(cache.length)[0]) + len(caption[0].token_ids) + seg.keyframe_slots > cap:
+          break  # a header written at the cache's very end: the shot without its keyframe is cut
+        cache, _ = engine.prefill(cache, [caption])
       rng, key = jax.random.split(rng)
       latents = self.keyframes.sample(cache, key, 1)
       images.append(seg.codec.decode(latents))
