@@ -118,22 +118,24 @@ def caption_lines(lines: Sequence[str], frame: str, kind: str) -> list[str]:
 def place_caption_lines(header: Sequence[str], frame: str) -> list[str]:
   """The ``<EnvironmentK>`` lines of ``header`` for the places the ``frame`` line names, in tag
   order (none for a tag the header lacks)."""
-  return _defined_lines(header, "Environment", referenced(frame, "Environment"))
+  defined = definitions(header, "Environment")
+  return [defined[k] for k in referenced(frame, "Environment") if k in defined]
 
 
 def cast_caption_lines(header: Sequence[str], frame: str) -> list[str]:
   """The ``<CharacterK>`` lines of ``header`` for the characters the ``frame`` line names."""
-  return _defined_lines(header, "Character", referenced(frame, "Character"))
+  defined = definitions(header, "Character")
+  return [defined[k] for k in referenced(frame, "Character") if k in defined]
 
 
-def _defined_lines(lines: Sequence[str], kind: str, indices: Sequence[int]) -> list[str]:
-  """The first ``<{kind}K>:`` line of ``lines`` for each K in ``indices`` that has one."""
+def definitions(lines: Sequence[str], kind: str) -> dict[int, str]:
+  """``{K: the first <{kind}K>: line of lines}`` (kind: Character or Environment)."""
   defined: dict[int, str] = {}
   for line in lines:
     m = re.match(rf"<{kind}(\d+)>:", line)
     if m is not None:
       defined.setdefault(int(m.group(1)), line)
-  return [defined[k] for k in indices if k in defined]
+  return defined
 
 
 def tail_lines(script: Script, k: int) -> list[str]:

@@ -83,7 +83,8 @@ class DirectorLayout:
     captions): what the director keeps free for it when it decides whether a shot still fits."""
     if self.caption_kind == "none":
       return 0
-    sizes = lambda kind: [len(prompt_layout.line_ids(self.tok, line)) for line in lines if line.startswith(f"<{kind}")]
+    sizes = lambda kind: [len(prompt_layout.line_ids(self.tok, line))
+                          for line in prompt_layout.definitions(lines, kind).values()]
     places, cast = sizes("Environment"), sizes("Character")
     room = max(places, default=0)
     if self.caption_kind == "subject_place":

@@ -107,8 +107,8 @@ class KeyframeDrawer:
     for k, img in enumerate(earlier, start=1):
       cache, _ = engine.prefill(cache, [[*caption(k), seg.image(seg.codec.encode(img), False), tail(k)]])
     for k in range(len(earlier) + 1, n + 1):
-      if caption(k):
-        cache, _ = engine.prefill(cache, [caption(k)])
+      if captioned := caption(k):
+        cache, _ = engine.prefill(cache, [captioned])
       rng, key = jax.random.split(rng)
       latents = self.sample(cache, key, 1)
       images.append(seg.codec.decode(latents))
