@@ -137,7 +137,11 @@ def bench_torch(config) -> list[str]:
   torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores XLA's CPU client uses too
   pipeline.ensure_dataset(config, verbose=False)
   # the JAX step does more than the PyTorch one: it also applies AdamW, clipping and the EMA
-  rows = ["| rows x (und + gen) | PyTorch eager fwd+bwd s | JAX jitted train step s | JAX / PyTorch time |", "|---|---|---|---|"]
+  # with several CPU devices (JAX_NUM_CPU_DEVICES=2: one per core) the JAX step is also timed data
+  # parallel over all of them, the rows split over the mesh's data axis, as tools/train.py runs it
+  n_dev = jax.device_count()
+  rows = ["| rows x (und + gen) | JAX devices | PyTorch eager fwd+bwd s | JAX jitted train step s | JAX / PyTorch time |",
+          "|---|---|---|---|---|"]
   for n_rows in (int(r) for r in _TORCH_ROWS.value):
     c = config.copy_and_resolve_references()
     c.data.batch_size = n_rows
@@ -161,8 +165,10 @@ def bench_torch(config) -> list[str]:
       tm.zero_grad(set_to_none=True)
 
     torch_s = _median_time(lambda: torch_step() or jnp.zeros(()), _STEPS.value)
-    jax_s = _time_trainer_step(train_setup.setup_train(c, sharding.make_mesh(c.mesh, jax.devices()[:1])), batch)
-    rows.append(f"| {n_rows} x ({c.data.und_len} + {c.data.gen_len}) | {torch_s:.3f} | {jax_s:.3f} | {jax_s / torch_s:.2f} |")
+    for devices in dict.fromkeys([1] + ([n_dev] if n_rows % n_dev == 0 else [])):
+      jax_s = _time_trainer_step(train_setup.setup_train(c, sharding.make_mesh(c.mesh, jax.devices()[:devices])), batch)
+      rows.append(f"| {n_rows} x ({c.data.und_len} + {c.data.gen_len}) | {devices} | {torch_s:.3f} | {jax_s:.3f} | "
+                  f"{jax_s / torch_s:.2f} |")
   return rows
 
 
