@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 . tools/setup_env.sh
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 WORKDIR=${WORKDIR:-runs/tiny}
-python tools/train.py --config=configs/tiny.py --workdir="$WORKDIR" "$@"
+# one CPU device per core of the 2-core target: the batch's 2 rows train data parallel, one per
+# core (XLA:CPU runs most of a step's fusions on one thread; BENCHMARKS.md, "data parallel")
+python tools/train.py --config=configs/tiny.py --workdir="$WORKDIR" --cpu_devices_per_process="${CPU_DEVICES:-2}" "$@"
 # the prompt of a held-out StoryWorld story (never trained on), so the storyboard can be scored
 if [ -n "${PROMPT:-}" ]; then WHAT=(--prompt="$PROMPT"); else WHAT=(--heldout_story="${STORY:-0}"); fi
 python tools/direct.py --checkpoint="$WORKDIR" --output="$WORKDIR/storyboard" "${WHAT[@]}"

@@ -17,8 +17,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
                                  "auto-detected settings (TPU pods, SLURM) even without the flags above.")
-_LOCAL_DEVICES = flags.DEFINE_integer("cpu_devices_per_process", None,
-                                      "CPU only: number of host devices per process (testing multi-host).")
+_LOCAL_DEVICES = flags.DEFINE_integer(
+    "cpu_devices_per_process", None,
+    "CPU only: host devices per process. One per core splits each batch's rows over the cores "
+    "(data parallel: the main job's 2, BENCHMARKS.md); several per process also test multi-host.")
 
 
 def _init_distributed() -> None:
