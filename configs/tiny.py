@@ -14,8 +14,10 @@ def get_config(stage: str = "stage1"):
                  flow_prediction="x0", timestep_shift=10.0,
                  scan_layers=False)  # 2 layers: unrolled is faster on the CPU (BENCHMARKS.md)
   # rows hold whole 12-shot stories (512-slot rows cut every story after ~8 shots, so later tags
-  # and story ends were never trained); two noised copies per keyframe (README, "Diagnosing")
-  c.data.update(batch_size=2, und_len=1024, gen_len=768, max_segments=96, noised_copies=2)
+  # and story ends were never trained); two noised copies per keyframe (README, "Diagnosing");
+  # 576 gen slots hold a 12-shot story's 36 images: the packed rows used 491 of 768 on average
+  # (485 of 576), so the 192 slots cut were padding (BENCHMARKS.md, "data parallel")
+  c.data.update(batch_size=2, und_len=1024, gen_len=576, max_segments=96, noised_copies=2)
   # header samples (prompt, cast and place lines alone): the lines that copy the prompt's names
   # get 1.5x the examples per step for 13% of the gen slots; measured on 20 held-out prompts:
   # "cast = prompt names" 0.05 -> 0.50 (README, "Diagnosing the keyframes"; weight 2 did not
@@ -36,9 +38,10 @@ def get_config(stage: str = "stage1"):
   # no EMA: on the main job's checkpoint the raw params draw better than an EMA at 0.99 (place
   # 0.31 -> 0.40, identity 0.45 -> 0.55 on 20 held-out prompts; README, "Diagnosing")
   c.optim.update(learning_rate=3e-3, ema_decay=0.0)
-  # 1,500 steps: ~11 of the main job's 12.6 minutes on 2 cores (900 steps used half the budget;
-  # README, "Diagnosing the keyframes": the same recipe at 900 and 1,500 steps)
-  c.train.update(steps=1500, log_every=20, checkpoint_every=300)
+  # 1,250 steps: the main job within its 15 minutes on the slower of the 2-core hosts measured
+  # (0.51-0.61 s a step on an AMD EPYC; 1,500 steps took 17.6 minutes with set-up there, 11 on an
+  # AMX Xeon; README, "Evaluation": 1,250 against 1,500 steps on that host, within their spread)
+  c.train.update(steps=1250, log_every=25, checkpoint_every=250)
   # 2 sampler timesteps (one Euler step from t = 1: the model's clean-image estimate from the
   # context alone); on the main job's checkpoint over 20 held-out prompts, against 6 steps:
   # agreement 0.237 -> 0.282, identity 0.665 -> 0.763, place 0.533 -> 0.574 (README, "Diagnosing")
