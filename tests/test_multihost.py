@@ -22,15 +22,21 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _cmd(workdir, devices, extra=()):
+def _cmd(workdir, devices, extra=(), batch_size=8):
   return [sys.executable, "tools/train.py", "--config=tests/micro_config.py", f"--workdir={workdir}",
-          "--config.train.steps=3", "--config.data.batch_size=8", "--config.mesh.data=-1",
+          "--config.train.steps=3", f"--config.data.batch_size={batch_size}", "--config.mesh.data=-1",
           f"--cpu_devices_per_process={devices}", *extra]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def _env() -> dict[str, str]:
+  """The trainer's environment: CPU, this checkout, and no inherited device count."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)
+  return env
+
+
+def test_two_processes_match_one_process(tmp_path):
+  env = _env()
   single = tmp_path / "single"
   subprocess.run(_cmd(single, 8), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
   multi = tmp_path / "multi"
@@ -53,14 +59,11 @@ def test_two_cpu_devices_split_the_rows_and_the_checkpoint_reads_anywhere(tmp_pa
   """The main job's ``--cpu_devices_per_process=2`` (one device per core): the batch's 2 rows split
   over the mesh's data axis give one device's losses, and the director's reader restores the
   two-device checkpoint in this process (another device count) with one device's params."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  env.pop("XLA_FLAGS", None)
   runs = {}
   for devices in (1, 2):
     workdir = tmp_path / f"devices{devices}"
-    cmd = [sys.executable, "tools/train.py", "--config=tests/micro_config.py", f"--workdir={workdir}",
-           "--config.train.steps=3", f"--cpu_devices_per_process={devices}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_cmd(workdir, devices, batch_size=2), cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs[devices] = workdir
   a, b = read_metrics(str(runs[1])), read_metrics(str(runs[2]))
