@@ -323,7 +323,7 @@ def test_place_caption_puts_the_shots_environment_line_before_its_noised_keyfram
 
 
 def test_caption_lines_take_what_the_frame_line_names_from_any_text():
-  from unimage_jax.prompt_layout import caption_lines, place_caption_lines
+  from unimage_jax.prompt_layout import caption_lines, named_definition_lines
   text = ["<Prompt>: Ona walks.", "<Character1>: Ona, a small red circle.", "<Character2>: Bo, a big blue square.",
           "<Environment1>: A dim cave.", "<Environment2>: A green garden.",
           "<Frame1>: Wide shot: in <Environment1>, <Character1> stands."]
@@ -341,9 +341,11 @@ def test_caption_lines_take_what_the_frame_line_names_from_any_text():
   with pytest.raises(ValueError, match="config.data.keyframe_caption='places'"):
     from unimage_jax.config_validation import validate_config
     validate_config(data_fixtures.tiny_config(keyframe_caption="places"))
-  assert place_caption_lines(text, "<Frame2>: Wide shot: <Character1> arrives in <Environment2>.") == \
+  assert named_definition_lines(text, "<Frame2>: Wide shot: <Character1> arrives in <Environment2>.", "Environment") == \
       ["<Environment2>: A green garden."]
-  assert place_caption_lines(text, "<Frame2>: from <Environment2> to <Environment1>.") == \
+  assert named_definition_lines(text, "<Frame2>: from <Environment2> to <Environment1>.", "Environment") == \
       ["<Environment1>: A dim cave.", "<Environment2>: A green garden."]
-  assert place_caption_lines(text, "<Frame2>: <Character1> arrives in <Environment3>.") == []  # not defined
-  assert place_caption_lines(text, "<Frame2>: Close-up: <Character1> jumps.") == []
+  assert named_definition_lines(text, "<Frame2>: <Character1> arrives in <Environment3>.", "Environment") == []  # not defined
+  assert named_definition_lines(text, "<Frame2>: Close-up: <Character1> jumps.", "Environment") == []
+  assert named_definition_lines(text, wide, "Character") == ["<Character1>: Ona, a small red circle.",
+                                                             "<Character2>: Bo, a big blue square."]

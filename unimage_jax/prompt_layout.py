@@ -109,23 +109,17 @@ def caption_lines(lines: Sequence[str], frame: str, kind: str) -> list[str]:
     raise ValueError(f"keyframe caption {kind!r} must be one of {KEYFRAME_CAPTIONS}")
   if kind == "none":
     return []
-  cast = cast_caption_lines(lines, frame)
+  cast = named_definition_lines(lines, frame, "Character")
   if kind == "place" or (kind == "subject_place" and len(cast) != 1):
     cast = []
-  return cast + place_caption_lines(lines, frame)
+  return cast + named_definition_lines(lines, frame, "Environment")
 
 
-def place_caption_lines(header: Sequence[str], frame: str) -> list[str]:
-  """The ``<EnvironmentK>`` lines of ``header`` for the places the ``frame`` line names, in tag
-  order (none for a tag the header lacks)."""
-  defined = definitions(header, "Environment")
-  return [defined[k] for k in referenced(frame, "Environment") if k in defined]
-
-
-def cast_caption_lines(header: Sequence[str], frame: str) -> list[str]:
-  """The ``<CharacterK>`` lines of ``header`` for the characters the ``frame`` line names."""
-  defined = definitions(header, "Character")
-  return [defined[k] for k in referenced(frame, "Character") if k in defined]
+def named_definition_lines(header: Sequence[str], frame: str, kind: str) -> list[str]:
+  """The ``<{kind}K>`` lines of ``header`` (kind: Character or Environment) for the tags the
+  ``frame`` line names, in tag order (none for a tag the header lacks)."""
+  defined = definitions(header, kind)
+  return [defined[k] for k in referenced(frame, kind) if k in defined]
 
 
 def definitions(lines: Sequence[str], kind: str) -> dict[int, str]:
