@@ -35,7 +35,8 @@ use to fill a row's tail (``packing.FirstFitPacker``). A cut script continuation
 
 With ``data.keyframe_caption`` every noised keyframe (all tasks) follows a no-loss text of the
 definition lines of what its frame line names (``prompt_layout.caption_lines``), which the
-director writes before each keyframe it draws.
+director writes before each keyframe it draws. With ``data.character_loss_weight`` (StoryWorld) a
+noised keyframe's tokens carry flow-loss weights from the share of their pixels a character paints.
 
 Text lines are encoded one by one (``line + "\\n"``) so a prefix of a script always has the same
 tokens as the whole script's prefix; the director encodes the same way (``unimage_jax/prompt_layout.py``
@@ -49,6 +50,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from data_pipelines.storyworld import cast as storyworld_cast
 from unimage_jax import layout, prompt_layout
 from unimage_jax.choices import AUTOENCODERS
 from unimage_jax.config_validation import ConfigError
@@ -90,6 +92,7 @@ class PlanConfig:
   subject_spelled_out: float = 0.0  # subject task: probability of the frame line spelling the subject out
   place_change_copies: int = 0  # interleaved task: noised copies of a keyframe whose place changes (0: noised_copies)
   keyframe_caption: str = "none"  # the no-loss text before each noised keyframe (prompt_layout.caption_lines)
+  character_loss_weight: float = 1.0  # flow-loss weight of a noised keyframe's character pixels (StoryWorld)
 
   @classmethod
   def from_config(cls, config) -> "PlanConfig":
@@ -104,6 +107,11 @@ class PlanConfig:
         raise ConfigError(f"config.data.{share}={d.get(share)} must be a share in [0, 1]")
     if int(d.get("place_change_copies", 0)) < 0:
       raise ConfigError(f"config.data.place_change_copies={d.place_change_copies} must be >= 0 (0: data.noised_copies)")
+    if not float(d.get("character_loss_weight", 1.0)) > 0.0:
+      raise ConfigError(f"config.data.character_loss_weight={d.character_loss_weight} must be > 0")
+    if float(d.get("character_loss_weight", 1.0)) != 1.0 and d.dataset != "storyworld":
+      raise ConfigError(f"config.data.character_loss_weight={d.character_loss_weight} needs StoryWorld renders "
+                        f"(their character colours mark the pixels); config.data.dataset={d.dataset!r}")
     if not float(d.get("name_loss_weight", 1.0)) > 0.0:
       raise ConfigError(f"config.data.name_loss_weight={d.name_loss_weight} must be > 0")
     weights = tuple((t, float(d.tasks[t])) for t in TASKS if t in d.tasks and float(d.tasks[t]) > 0)
@@ -123,6 +131,7 @@ class PlanConfig:
         subject_spelled_out=float(d.get("subject_spelled_out", 0.0)),
         place_change_copies=int(d.get("place_change_copies", 0)),
         keyframe_caption=str(d.get("keyframe_caption", "none")),
+        character_loss_weight=float(d.get("character_loss_weight", 1.0)),
     )
 
 
@@ -217,7 +226,24 @@ class Planner:
       tokens, h, w = frame.tokens, frame.h, frame.w
     else:
       tokens, h, w = image_to_tokens(resize(frame, c.image_size), c.pixel_downsample, c.latent_patch_size)
-    return prompt_layout.image_segment(self.tok, tokens, h, w, noised)  # [h*w, D]
+    seg = prompt_layout.image_segment(self.tok, tokens, h, w, noised)  # [h*w, D]
+    if noised and c.character_loss_weight != 1.0:
+      seg.loss_weights = self._character_weights(frame, h, w)
+    return seg
+
+  def _character_weights(self, frame, h: int, w: int) -> np.ndarray:
+    """[h*w] flow-loss weights: ``1 + (W - 1) * share of the token's pixels a character paints``,
+    the token-level mean of weighing each character pixel W (``data.character_loss_weight``).
+
+    Why: the places fill most pixels, so once they are drawn the flow loss pays little for the
+    characters, and no run drew one (README, "Diagnosing the keyframes"); as the name weight made
+    the names' copy form, this makes the pixels that only the cast lines explain weigh more.
+    """
+    pixels = frame.pixels if isinstance(frame, CachedFrame) else resize(frame, self.cfg.image_size)
+    mask = storyworld_cast.character_mask(pixels)  # [S, S]
+    s = mask.shape[0]
+    share = mask.reshape(h, s // h, w, s // w).mean(axis=(1, 3))  # [h, w]
+    return (1.0 + (self.cfg.character_loss_weight - 1.0) * share).reshape(-1).astype(np.float32)
 
   def _caption(self, script: Script, k: int) -> list[layout.Segment]:
     """``[caption of shot k]`` (no loss; ``data.keyframe_caption``), or nothing: the segment the

@@ -349,3 +349,42 @@ def test_caption_lines_take_what_the_frame_line_names_from_any_text():
   assert named_definition_lines(text, "<Frame2>: Close-up: <Character1> jumps.", "Environment") == []
   assert named_definition_lines(text, wide, "Character") == ["<Character1>: Ona, a small red circle.",
                                                              "<Character2>: Bo, a big blue square."]
+
+
+def test_character_loss_weight_weighs_each_noised_token_by_its_character_pixels():
+  """``data.character_loss_weight=W``: a noised keyframe's token weighs ``1 + (W - 1) x`` the share of
+  its 8 x 8 pixels painted in a character colour, in the plan and in the encoded row; clean
+  keyframes, padding and W = 1 carry no weights (every noised token then weighs 1)."""
+  from data_pipelines.pipeline import row_encoder
+  from data_pipelines.storyworld.cast import ACCESSORY_COLOURS, COLOURS
+  rec = _record(5)
+  p, c = _planner(character_loss_weight=10.0, noised_copies=1, gen_len=320)
+  segs = p.plan(rec, np.random.default_rng(0), "interleaved").segments
+  images = [s for s in segs if isinstance(s, layout.ImageSegment)]
+  noised, clean = images[0::2], images[1::2]
+  assert all(s.noised for s in noised) and not any(s.noised for s in clean)
+  assert all(s.loss_weights is None for s in clean)
+  paint = list(COLOURS.values()) + list(ACCESSORY_COLOURS.values())
+  for k, seg in enumerate(noised):
+    np.testing.assert_array_equal(seg.latents, clean[k].latents)  # keyframe k's noised copy
+    img = rec["keyframes"][k]
+    want = [1.0 + 9.0 * np.mean([tuple(img[y, x]) in paint for y in range(8 * r, 8 * r + 8)
+                                 for x in range(8 * q, 8 * q + 8)])
+            for r in range(4) for q in range(4)]
+    np.testing.assert_allclose(seg.loss_weights, want, rtol=1e-6)
+  assert max(w for s in noised for w in s.loss_weights) > 3.0 and min(w for s in noised for w in s.loss_weights) == 1.0
+  row = row_encoder(c)([segs])
+  noise = row["gen_segment_kinds"] == layout.KIND_NOISE
+  np.testing.assert_allclose(row["gen_loss_weights"][noise], np.concatenate([s.loss_weights for s in noised]))
+  assert not row["gen_loss_weights"][~noise].any()
+  plain, c1 = _planner(noised_copies=1, gen_len=320)
+  row = row_encoder(c1)([plain.plan(rec, np.random.default_rng(0), "interleaved").segments])
+  np.testing.assert_array_equal(row["gen_loss_weights"], (row["gen_segment_kinds"] == layout.KIND_NOISE).astype(np.float32))
+
+
+def test_character_loss_weight_needs_storyworld_and_a_positive_weight():
+  from unimage_jax.config_validation import ConfigError
+  with pytest.raises(ConfigError, match="config.data.character_loss_weight=0.0 must be > 0"):
+    PlanConfig.from_config(data_fixtures.tiny_config(character_loss_weight=0.0))
+  with pytest.raises(ConfigError, match="config.data.character_loss_weight=4.0 needs StoryWorld"):
+    PlanConfig.from_config(data_fixtures.tiny_config(character_loss_weight=4.0, dataset="storyboards"))

@@ -86,3 +86,21 @@ def test_render_size_configurable(size):
   assert img.shape == (size, size, 3) and img.dtype == np.uint8
   assert all(v["visible"] for v in info)  # the establishing wide shot shows everyone
   assert len(np.unique(img.reshape(-1, 3), axis=0)) >= 3
+
+
+def test_character_mask_is_exactly_the_pixels_the_characters_paint(monkeypatch):
+  """``cast.character_mask`` (the character flow-loss weight's pixels) against the same shots
+  rendered without their characters: a pixel is in the mask iff drawing the cast changed it."""
+  from data_pipelines.storyworld import renderer
+  stories = [story_for(0, "train", i) for i in range(12)]
+  shots = [(s, k) for s in stories for k in range(len(s.shots))]
+  with_cast = [render_shot(s, k, 32)[0] for s, k in shots]
+  monkeypatch.setattr(renderer, "draw_character", lambda *args, **kwargs: None)
+  without = [render_shot(s, k, 32)[0] for s, k in shots]
+  painted = 0
+  for a, b in zip(with_cast, without):
+    changed = np.any(a != b, axis=-1)
+    np.testing.assert_array_equal(cast_lib.character_mask(a), changed)
+    assert not cast_lib.character_mask(b).any()  # no place uses a character colour
+    painted += int(changed.sum())
+  assert painted > 0.05 * 32 * 32 * len(shots)  # the shots do show characters

@@ -48,3 +48,53 @@ def test_bad_flow_settings_are_refused(tiny_config, field, value):
   tiny_config.model[field] = value
   with pytest.raises(config_validation.ConfigError, match=f"config.model.{field}='{value}'"):
     config_validation.validate_model_config(tiny_config.model)
+
+
+class _FixedHead:
+  """A stand-in for the model in the loss arithmetic: zero hidden states and a fixed gen head."""
+
+  def __init__(self, head):
+    self.head = head
+
+  def __call__(self, batch, x_t, t):
+    b, lu = batch["und_token_ids"].shape
+    return jnp.zeros((b, lu, 4)), self.head
+
+  def logits(self, h):
+    return jnp.zeros(h.shape[:-1] + (8,))
+
+
+def test_flow_loss_is_the_gen_loss_weighted_mean_over_noised_tokens(tiny_config):
+  """``gen_loss_weights`` (``data.character_loss_weight``) weigh each noised token's error; the MSE
+  is their weighted mean, clean and padding tokens count nothing, and a batch without the field
+  (or with weight 1 everywhere) gives the plain mean."""
+  from unimage_jax import layout
+  rng = np.random.default_rng(3)
+  b, lg, d = 2, 6, 12
+  kinds = np.array([[layout.KIND_NOISE] * 3 + [layout.KIND_CLEAN] * 2 + [layout.KIND_PAD]] * b, np.int32)
+  batch = {"und_token_ids": np.zeros((b, 4), np.int32), "und_labels": np.full((b, 4), layout.IGNORE_LABEL, np.int32),
+           "und_loss_weights": np.zeros((b, 4), np.float32),
+           "gen_latents": rng.standard_normal((b, lg, d)).astype(np.float32),
+           "gen_segment_ids": np.zeros((b, lg), np.int32), "gen_segment_kinds": kinds}
+  m = tiny_config.model
+  m.flow_prediction, m.flow_loss = "velocity", "auto"
+  head = jnp.asarray(rng.standard_normal((b, lg, d)), jnp.float32)
+  key = np.asarray([0, 7], np.uint32)
+
+  def mse(weights):
+    bt = dict(batch) if weights is None else {**batch, "gen_loss_weights": weights}
+    sums = losses.loss_sums(_FixedHead(head), bt, key, m, max_segments=4)
+    return sums, float(losses.combine(sums, tiny_config.loss)[1]["mse"])
+
+  sums, plain = mse(None)
+  _, _, target, noised = losses.noise_latents(key, batch, 4, m.timestep_shift)
+  err = np.mean(np.square(np.asarray(head) - np.asarray(target)), -1)  # [B, Lg]
+  np.testing.assert_allclose(plain, err[np.asarray(noised)].mean(), rtol=1e-5)
+  assert float(sums.mse_weight) == float(sums.mse_tokens) == 6
+  assert mse(np.ones((b, lg), np.float32))[1] == pytest.approx(plain, rel=1e-6)
+  w = rng.uniform(1.0, 10.0, (b, lg)).astype(np.float32)
+  sums, weighted = mse(w)
+  wn = np.where(np.asarray(noised), w, 0.0)
+  np.testing.assert_allclose(weighted, (wn * err).sum() / wn.sum(), rtol=1e-5)
+  assert float(sums.mse_tokens) == 6 and float(sums.mse_weight) == pytest.approx(wn.sum(), rel=1e-6)
+  assert abs(weighted - plain) > 1e-3

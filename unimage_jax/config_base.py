@@ -110,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   # loss weight of the labels that are a cast line's name (<CharacterK>: Name): copying the
   # prompt's names is a few tokens of each text (README, "Diagnosing the keyframes")
   d.name_loss_weight = 1.0
+  # flow-loss weight of the character pixels of a noised StoryWorld keyframe (a token weighs
+  # 1 + (W - 1) x its share of them); the places fill most pixels (README, "Diagnosing the keyframes")
+  d.character_loss_weight = 1.0
   d.precontext_split_prob = 0.5
   d.text_cond_dropout = 0.1
   d.vit_cond_dropout = 0.3

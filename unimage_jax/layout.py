@@ -126,6 +126,7 @@ class ImageSegment:
   noised: bool
   start_token: int
   end_token: int
+  loss_weights: np.ndarray | None = None  # [h*w] flow-loss weight per token (noised only); None = 1
 
 
 @dataclasses.dataclass
@@ -171,6 +172,7 @@ def empty_row(sizes: BufferSizes, latent_dim: int, vit_patch_dim: int) -> dict[s
       "und_loss_weights": np.zeros([lu], np.float32),
       "gen_latents": np.zeros([lg, latent_dim], np.float32),
       "gen_latent_pos": i32(lg),
+      "gen_loss_weights": np.zeros([lg], np.float32),
       "vit_patches": np.zeros([nv, vit_patch_dim], np.float32),
       "vit_pos_ids": i32(nv),
       "vit_image_ids": np.full([nv], -1, np.int32),
@@ -260,6 +262,11 @@ def pack_row(
         sl = slice(g, g + n)
         row["gen_latents"][sl] = seg.latents
         row["gen_latent_pos"][sl] = rows_ * latent_grid + cols
+        if seg.noised:
+          w = np.ones(n, np.float32) if seg.loss_weights is None else np.asarray(seg.loss_weights, np.float32)
+          if w.shape != (n,):
+            raise ValueError(f"sample {sample_id}: {w.shape} flow-loss weights for {n} latent tokens")
+          row["gen_loss_weights"][sl] = w
         row["gen_sample_ids"][sl] = sample_id
         row["gen_segment_ids"][sl] = segment_id
         row["gen_segment_kinds"][sl] = kind

@@ -23,7 +23,8 @@ class LossSums(NamedTuple):
   ce_sum: jax.Array  # weighted sum of token CE
   ce_weight: jax.Array  # sum of CE weights (the token count when unweighted)
   ce_tokens: jax.Array  # number of label tokens
-  mse_sum: jax.Array  # sum over noised tokens of the channel-mean squared error
+  mse_sum: jax.Array  # weighted sum over noised tokens of the channel-mean squared error
+  mse_weight: jax.Array  # sum of flow-loss weights (the noised token count when unweighted)
   mse_tokens: jax.Array  # number of noised latent tokens
 
 
@@ -131,13 +132,23 @@ def loss_sums(model, batch, rng: jax.Array, model_cfg: ml_collections.ConfigDict
   if loss_space(model_cfg) == "x0":  # |x0 - x0_hat|^2 = t^2 |v - v_hat|^2
     per_token = per_token * jnp.square(t)
   has_label = labels != layout.IGNORE_LABEL
+  flow_weights = _flow_weights(batch, noised)
   return LossSums(
       ce_sum=ce_sum,
       ce_weight=jnp.sum(jnp.where(has_label, weights, 0.0)),
       ce_tokens=jnp.sum(has_label).astype(jnp.float32),
-      mse_sum=jnp.sum(jnp.where(noised, per_token, 0.0)),
+      mse_sum=jnp.sum(jnp.where(noised, per_token * flow_weights, 0.0)),
+      mse_weight=jnp.sum(flow_weights),
       mse_tokens=jnp.sum(noised).astype(jnp.float32),
   )
+
+
+def _flow_weights(batch, noised: jax.Array) -> jax.Array:
+  """[B, Lg] flow-loss weight per latent token: ``gen_loss_weights`` on noised tokens, 0 elsewhere
+  (a batch without the field weighs every noised token 1)."""
+  if "gen_loss_weights" not in batch:
+    return noised.astype(jnp.float32)
+  return jnp.where(noised, batch["gen_loss_weights"].astype(jnp.float32), 0.0)
 
 
 def combine(sums: LossSums, loss_cfg: ml_collections.ConfigDict, totals: LossSums | None = None):
@@ -147,7 +158,7 @@ def combine(sums: LossSums, loss_cfg: ml_collections.ConfigDict, totals: LossSum
   """
   totals = sums if totals is None else totals
   ce = sums.ce_sum / jnp.maximum(totals.ce_weight, 1e-9)
-  mse = sums.mse_sum / jnp.maximum(totals.mse_tokens, 1.0)
+  mse = sums.mse_sum / jnp.maximum(totals.mse_weight, 1e-9)
   loss = loss_cfg.ce_weight * ce + loss_cfg.mse_weight * mse
   metrics = {"loss": loss, "ce": ce, "mse": mse, "ce_tokens": sums.ce_tokens, "mse_tokens": sums.mse_tokens}
   return loss, metrics
@@ -167,5 +178,6 @@ def batch_normalizers(batch) -> LossSums:
       ce_weight=jnp.sum(jnp.where(has_label, batch["und_loss_weights"], 0.0)),
       ce_tokens=jnp.sum(has_label).astype(jnp.float32),
       mse_sum=zero,
+      mse_weight=jnp.sum(_flow_weights(batch, noised)),
       mse_tokens=jnp.sum(noised).astype(jnp.float32),
   )

@@ -83,3 +83,14 @@ def sample_cast(rng: np.random.Generator, n: int) -> list[CharacterSpec]:
 
 def sample_places(rng: np.random.Generator, n: int) -> list[PlaceSpec]:
   return [PLACES[int(i)] for i in rng.choice(len(PLACES), size=n, replace=False)]
+
+
+def character_mask(image: np.ndarray) -> np.ndarray:
+  """bool [H, W]: the pixels of a StoryWorld render painted with a character or accessory colour.
+
+  Exact on renders at the size they were drawn (flat colours, no anti-aliasing): no place's sky,
+  ground or prop uses these colours (``tests/test_storyworld.py`` checks it). image: uint8 [H, W, 3].
+  """
+  colours = np.asarray(list(COLOURS.values()) + list(ACCESSORY_COLOURS.values()), np.int16)  # [C, 3]
+  pixels = np.asarray(image, np.int16)[..., None, :]  # [H, W, 1, 3]
+  return np.any(np.all(pixels == colours, axis=-1), axis=-1)
