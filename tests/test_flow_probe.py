@@ -115,3 +115,32 @@ def test_subject_drawing_scores_the_picture_like_a_storyboard():
   probe.velocity_of = lambda row, t, eps, **kw: (eps + 1.0, eps)  # a black frame: nothing right
   out = probe.subject_drawing(records, director.codec.decode)
   assert out["place_accuracy"] == 0.0 and out["characters_drawn"] == 0.0, out
+
+
+def test_training_sample_drawing_samples_the_planners_own_layout_and_scores_it():
+  """``FlowProbe.training_sample_drawing``: the noised keyframe of the planner's subject samples,
+  drawn by the Euler sampler through ``velocity_at`` and scored like a storyboard."""
+  director, records, probe = _random_model_probe()
+  seen = []
+
+  def oracle(row, x_t, t, shuffle=None):  # the velocity towards the true keyframe from any x_t
+    seen.append((len(row.segments), t))
+    return (x_t - row.target) / t
+  probe.velocity_at = oracle
+  out = probe.training_sample_drawing(records, "subject", director.codec.decode, sampler_steps=4, samples_per_story=2)
+  assert out["shots"] == 2 * len(records) and len(seen) == 3 * out["shots"]  # 4 timesteps: 3 Euler steps
+  assert seen[0][1] == 1.0 and 0.0 < seen[2][1] < seen[1][1] < 1.0
+  assert out["place_accuracy"] == 1.0 and out["characters_drawn"] >= 0.9 and out["agreement"] >= 0.9, out
+  probe.velocity_at = lambda row, x_t, t, shuffle=None: x_t + 1.0  # lands on a black frame
+  out = probe.training_sample_drawing(records, "subject", director.codec.decode, samples_per_story=1)
+  assert out["place_accuracy"] == 0.0 and out["characters_drawn"] == 0.0, out
+
+
+def test_velocity_of_is_velocity_at_the_noised_truth():
+  director, records, probe = _random_model_probe()
+  row = probe_segments(probe.planner, records[0], records[1], 2, "interleaved", "full")
+  eps = np.random.default_rng(0).standard_normal(row.target.shape).astype(np.float32)
+  v, x_t = probe.velocity_of(row, 0.7, eps)
+  np.testing.assert_allclose(x_t, 0.3 * row.target + 0.7 * eps, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(v, probe.velocity_at(row, x_t, 0.7))
+  assert not np.allclose(v, probe.velocity_at(row, x_t, 0.2))  # the model reads the timestep

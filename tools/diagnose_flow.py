@@ -29,6 +29,12 @@ _TASK = flags.DEFINE_enum("task", "auto", ["auto", "interleaved", "keyframe", "s
                           "Context layout (auto: the checkpoint's director mode; subject: the header and "
                           "the shot's frame line alone, the layout of data.tasks.subject).")
 _TIMESTEPS = flags.DEFINE_list("timesteps", ["0.5", "0.9"], "Noise levels t to probe.")
+_SAMPLER_STEPS = flags.DEFINE_list(
+    "sampler_steps", ["2", "16"],
+    "--task=subject: Euler sampler timesteps (at the config's sampler shift) with which the run's own "
+    "subject samples (its training layout exactly) are drawn and scored.")
+flags.register_validator("sampler_steps", lambda v: all(s.isdigit() and int(s) >= 2 for s in v),
+                         message="--sampler_steps must be whole numbers >= 2 (timesteps of the Euler sampler)")
 
 
 def main(argv):
@@ -69,6 +75,14 @@ def main(argv):
       out = probe.subject_drawing(records, director.codec.decode, spelled_out=spelled)
       drawn = "-" if out["characters_drawn"] is None else f"{out['characters_drawn']:.3f}"
       print(f"| {'spelled out' if spelled else 'tags'} | {drawn} | {out['place_accuracy']:.3f} | {out['shots']} |")
+    print("\nthe run's own subject samples (its training layout: data.subject_alone, data.subject_spelled_out), "
+          "drawn from noise by the Euler sampler and scored:")
+    print("| sampler timesteps | characters drawn | agreement | place accuracy | shots |\n|---|---|---|---|---|")
+    for steps in _SAMPLER_STEPS.value:
+      out = probe.training_sample_drawing(records, "subject", director.codec.decode, sampler_steps=int(steps),
+                                          shift=config.inference.timestep_shift)
+      drawn = "-" if out["characters_drawn"] is None else f"{out['characters_drawn']:.3f}"
+      print(f"| {steps} | {drawn} | {out['agreement']:.3f} | {out['place_accuracy']:.3f} | {out['shots']} |")
 
 
 if __name__ == "__main__":

@@ -121,15 +121,20 @@ class FlowProbe:
   def velocity_of(self, probe: ProbeRow, t: float, eps: np.ndarray, read_t: float | None = None,
                   shuffle: np.random.Generator | None = None):
     """(velocity of the noised image [n, Dl], x_t [n, Dl]) with the true keyframe noised at ``t``."""
+    x_t = ((1.0 - t) * probe.target + t * eps).astype(np.float32)
+    return self.velocity_at(probe, x_t, t if read_t is None else read_t, shuffle), x_t
+
+  def velocity_at(self, probe: ProbeRow, x_t: np.ndarray, t: float,
+                  shuffle: np.random.Generator | None = None) -> np.ndarray:
+    """Velocity [n, Dl] of the noised image at any latents ``x_t`` [n, Dl] (e.g. a sampler's) read at ``t``."""
     row, slots = self._row(probe, shuffle)
-    x0 = row["gen_latents"]
-    x_t = x0.copy()
-    x_t[slots] = (1.0 - t) * probe.target + t * eps
-    timesteps = np.zeros(x0.shape[0], np.float32)
-    timesteps[slots] = t if read_t is None else read_t
+    latents = row["gen_latents"].copy()
+    latents[slots] = x_t
+    timesteps = np.zeros(latents.shape[0], np.float32)
+    timesteps[slots] = t
     batch = {k: jnp.asarray(v[None]) for k, v in row.items()}
-    v = self._velocity(self.params, self.tables, batch, jnp.asarray(x_t[None]), jnp.asarray(timesteps[None]))
-    return np.asarray(v[0])[slots], x_t[slots]
+    v = self._velocity(self.params, self.tables, batch, jnp.asarray(latents[None]), jnp.asarray(timesteps[None]))
+    return np.asarray(v[0])[slots]
 
   def run(self, records: Sequence[dict[str, Any]], task: str, timesteps=(0.5, 0.9), shots_per_story: int = 3,
           seed: int = 0) -> dict[str, dict[str, float]]:
@@ -270,6 +275,43 @@ class FlowProbe:
     return {"characters_drawn": metrics.characters_drawn(shots),
             "place_accuracy": float(np.mean([s["place_ok"] for s in shots])) if shots else float("nan"),
             "shots": len(shots)}
+
+  def training_sample_drawing(self, records: Sequence[dict[str, Any]], task: str, decode, sampler_steps: int = 2,
+                              shift: float = 3.0, samples_per_story: int = 3,
+                              seed: int = 0) -> dict[str, float | None]:
+    """The noised keyframe of the planner's own ``task`` samples (the training layout exactly,
+    with the run's data options: ``subject_alone``, ``subject_spelled_out``, the caption), drawn
+    from noise by the director's Euler sampler (``sampler_steps`` timesteps at ``shift``) and
+    scored like a storyboard: ``{characters_drawn, agreement, place_accuracy, shots}``.
+
+    Why: a run trained on one layout should draw at least that layout; on a run whose context
+    spells out only the subject's description, this is the image side's ceiling, with no lookup
+    and no distractor left to fail (README, "Diagnosing the keyframes").
+    """
+    from unimage_jax.evaluation import metrics, script_semantics
+    from unimage_jax.inference.flow import sampling_timesteps
+    rng = np.random.default_rng(seed)
+    timesteps = np.asarray(sampling_timesteps(sampler_steps, shift), np.float32)
+    shots = []
+    for record in records:
+      sem = script_semantics.interpret(record["script"])
+      story = sem.story(record["script"])
+      latents = [self.planner._image(f, noised=False).latents for f in record["keyframes"]]
+      for _ in range(samples_per_story):
+        segments = self.planner.plan(record, rng, task).segments
+        noised = [i for i, s in enumerate(segments) if isinstance(s, layout.ImageSegment) and s.noised]
+        if not noised:
+          raise ValueError(f"the {task!r} task's samples hold no noised keyframe to draw")
+        target = segments[noised[0]]
+        probe = _fit_row(ProbeRow(segments[:noised[0]] + [target], target.latents), self.sizes)
+        x = rng.standard_normal(target.latents.shape).astype(np.float32)  # [n, Dl]
+        for t, t_next in zip(timesteps[:-1], timesteps[1:]):
+          x = x - (t - t_next) * self.velocity_at(probe, x, float(t))
+        k = next(j for j, lat in enumerate(latents) if np.array_equal(lat, target.latents))
+        shots.append(metrics.score_shot(sem, story, k, decode(x))[0])
+    return {"characters_drawn": metrics.characters_drawn(shots),
+            "agreement": float(np.mean([s["agreement"] for s in shots])),
+            "place_accuracy": float(np.mean([s["place_ok"] for s in shots])), "shots": len(shots)}
 
   def grid_tokens(self, record) -> int:
     return len(self.planner._image(record["keyframes"][0], noised=True).latents)
