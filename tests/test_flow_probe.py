@@ -144,3 +144,9 @@ def test_velocity_of_is_velocity_at_the_noised_truth():
   np.testing.assert_allclose(x_t, 0.3 * row.target + 0.7 * eps, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(v, probe.velocity_at(row, x_t, 0.7))
   assert not np.allclose(v, probe.velocity_at(row, x_t, 0.2))  # the model reads the timestep
+
+
+def test_diagnose_flow_refuses_a_bad_sampler_step_count_before_loading_anything():
+  from tool_runs import assert_user_error, run_tool
+  proc = run_tool("diagnose_flow.py", "--checkpoint=runs/no_such_run", "--sampler_steps=2,one")
+  assert_user_error(proc, "diagnose_flow.py", "--sampler_steps must be whole numbers >= 2")
