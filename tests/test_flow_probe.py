@@ -150,3 +150,20 @@ def test_diagnose_flow_refuses_a_bad_sampler_step_count_before_loading_anything(
   from tool_runs import assert_user_error, run_tool
   proc = run_tool("diagnose_flow.py", "--checkpoint=runs/no_such_run", "--sampler_steps=2,one")
   assert_user_error(proc, "diagnose_flow.py", "--sampler_steps must be whole numbers >= 2")
+
+
+def test_drawing_by_shot_size_scores_every_shot_once_by_its_size():
+  director, records, probe = _random_model_probe()
+
+  def oracle(row, t, eps, read_t=None, shuffle=None):  # draws the true keyframe
+    x_t = (1.0 - t) * row.target + t * eps
+    return (x_t - row.target) / t, x_t
+  probe.velocity_of = oracle
+  out = probe.drawing_by_shot_size(records, "interleaved", director.codec.decode)
+  assert out["all"]["shots"] == sum(len(r["script"].shots) for r in records)
+  assert sum(v["shots"] for k, v in out.items() if k != "all") == out["all"]["shots"]
+  assert set(out) - {"all"} <= {"Wide shot", "Medium shot", "Close-up"}
+  assert out["all"]["place_accuracy"] == 1.0 and out["all"]["characters_drawn"] >= 0.9, out
+  probe.velocity_of = lambda row, t, eps, **kw: (eps + 1.0, eps)  # a black frame
+  out = probe.drawing_by_shot_size(records, "interleaved", director.codec.decode)
+  assert out["all"]["place_accuracy"] == 0.0 and out["all"]["characters_drawn"] == 0.0, out

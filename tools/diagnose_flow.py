@@ -67,6 +67,12 @@ def main(argv):
   print("| change | pixel change | shots |\n|---|---|---|")
   for name, (change, shots) in reads.items():
     print(f"| {name} | {change:.2f} | {shots} |")
+  if task != "subject":
+    print("\nevery shot drawn by the context alone (true script, true earlier keyframes), scored, by shot size:")
+    print("| shot size | characters drawn | agreement | place accuracy | shots |\n|---|---|---|---|---|")
+    for size, out in sorted(probe.drawing_by_shot_size(records, task, director.codec.decode).items()):
+      drawn = "-" if out["characters_drawn"] is None else f"{out['characters_drawn']:.3f}"
+      print(f"| {size} | {drawn} | {out['agreement']:.3f} | {out['place_accuracy']:.3f} | {out['shots']} |")
   if task == "subject":
     print("\nthe subject layout's picture, scored (single-character shots; the frame line as written, "
           "then with the subject's cast line in place of its tag):")

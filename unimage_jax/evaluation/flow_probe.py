@@ -276,6 +276,32 @@ class FlowProbe:
             "place_accuracy": float(np.mean([s["place_ok"] for s in shots])) if shots else float("nan"),
             "shots": len(shots)}
 
+  def drawing_by_shot_size(self, records: Sequence[dict[str, Any]], task: str, decode,
+                           seed: int = 0) -> dict[str, dict[str, float | None]]:
+    """Every shot's keyframe drawn by the context alone (implied x0 at ``t = 1``, the true script
+    and the true earlier keyframes in the ``task``'s layout) and scored like a storyboard, by
+    shot size: ``{size or "all": {characters_drawn, agreement, place_accuracy, shots}}``.
+
+    Why: the free-run keyframes see the model's own earlier keyframes; with the true ones in
+    context, a model that could copy or draw a character from them would show it here.
+    """
+    from unimage_jax.evaluation import metrics, script_semantics
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+      sem = script_semantics.interpret(record["script"])
+      story = sem.story(record["script"])
+      for k in range(1, len(record["script"].shots) + 1):
+        probe = _fit_row(probe_segments(self.planner, record, record, k, task, "full"), self.sizes)
+        v, x_t = self.velocity_of(probe, 1.0, rng.standard_normal(probe.target.shape).astype(np.float32))
+        row = metrics.score_shot(sem, story, k - 1, decode(x_t - v))[0]
+        for key in (story.shots[k - 1]["shot_size"], "all"):
+          rows.setdefault(key, []).append(row)
+    return {key: {"characters_drawn": metrics.characters_drawn(r),
+                  "agreement": float(np.mean([s["agreement"] for s in r])),
+                  "place_accuracy": float(np.mean([s["place_ok"] for s in r])), "shots": len(r)}
+            for key, r in rows.items()}
+
   def training_sample_drawing(self, records: Sequence[dict[str, Any]], task: str, decode, sampler_steps: int = 2,
                               shift: float = 3.0, samples_per_story: int = 3,
                               seed: int = 0) -> dict[str, float | None]:
