@@ -24,6 +24,17 @@ def _random_model_probe():
   return director, records, probe
 
 
+def _true_keyframe(row, t, eps, read_t=None, shuffle=None):
+  """A ``velocity_of`` whose implied clean image is the true keyframe (an oracle model)."""
+  x_t = (1.0 - t) * row.target + t * eps
+  return (x_t - row.target) / t, x_t
+
+
+def _black_frame(row, t, eps, **kwargs):
+  """A ``velocity_of`` whose implied clean image is x0 = x_t - v = -1: a black frame."""
+  return eps + 1.0, eps
+
+
 def test_place_by_story_places_reads_the_implied_clean_image():
   director, records, probe = _random_model_probe()
   # the random model's own velocities: it runs, and every probed shot is counted once
@@ -32,15 +43,12 @@ def test_place_by_story_places_reads_the_implied_clean_image():
   assert set(out) <= {1, 2, 3} and all(0.0 <= acc <= 1.0 for acc, _ in out.values())
 
   # a model whose implied x0 at t = 1 is the true keyframe draws every place right ...
-  def oracle(row, t, eps, read_t=None, shuffle=None):
-    x_t = (1.0 - t) * row.target + t * eps
-    return (x_t - row.target) / t, x_t
-  probe.velocity_of = oracle
+  probe.velocity_of = _true_keyframe
   out = probe.place_by_story_places(records, "interleaved", director.codec.decode, shots_per_story=2)
   assert all(acc == 1.0 for acc, _ in out.values()), out
 
   # ... and one that draws a black frame (no place's colours within the detector's tolerance) none
-  probe.velocity_of = lambda row, t, eps, **kw: (eps + 1.0, eps)  # x0 = x_t - v = -1: black
+  probe.velocity_of = _black_frame
   out = probe.place_by_story_places(records, "interleaved", director.codec.decode, shots_per_story=2)
   assert all(acc == 0.0 for acc, _ in out.values()), out
 
@@ -105,14 +113,11 @@ def test_frame_line_reads_in_the_subject_layout_and_the_noise_draw():
 def test_subject_drawing_scores_the_picture_like_a_storyboard():
   director, records, probe = _random_model_probe()
 
-  def oracle(row, t, eps, read_t=None, shuffle=None):  # draws the true keyframe
-    x_t = (1.0 - t) * row.target + t * eps
-    return (x_t - row.target) / t, x_t
-  probe.velocity_of = oracle
+  probe.velocity_of = _true_keyframe
   for spelled in (False, True):
     out = probe.subject_drawing(records, director.codec.decode, spelled_out=spelled)
     assert out["shots"] > 0 and out["place_accuracy"] == 1.0 and out["characters_drawn"] >= 0.9, out
-  probe.velocity_of = lambda row, t, eps, **kw: (eps + 1.0, eps)  # a black frame: nothing right
+  probe.velocity_of = _black_frame
   out = probe.subject_drawing(records, director.codec.decode)
   assert out["place_accuracy"] == 0.0 and out["characters_drawn"] == 0.0, out
 
@@ -155,15 +160,12 @@ def test_diagnose_flow_refuses_a_bad_sampler_step_count_before_loading_anything(
 def test_drawing_by_shot_size_scores_every_shot_once_by_its_size():
   director, records, probe = _random_model_probe()
 
-  def oracle(row, t, eps, read_t=None, shuffle=None):  # draws the true keyframe
-    x_t = (1.0 - t) * row.target + t * eps
-    return (x_t - row.target) / t, x_t
-  probe.velocity_of = oracle
+  probe.velocity_of = _true_keyframe
   out = probe.drawing_by_shot_size(records, "interleaved", director.codec.decode)
   assert out["all"]["shots"] == sum(len(r["script"].shots) for r in records)
   assert sum(v["shots"] for k, v in out.items() if k != "all") == out["all"]["shots"]
   assert set(out) - {"all"} <= {"Wide shot", "Medium shot", "Close-up"}
   assert out["all"]["place_accuracy"] == 1.0 and out["all"]["characters_drawn"] >= 0.9, out
-  probe.velocity_of = lambda row, t, eps, **kw: (eps + 1.0, eps)  # a black frame
+  probe.velocity_of = _black_frame
   out = probe.drawing_by_shot_size(records, "interleaved", director.codec.decode)
   assert out["all"]["place_accuracy"] == 0.0 and out["all"]["characters_drawn"] == 0.0, out
