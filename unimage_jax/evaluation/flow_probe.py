@@ -272,9 +272,7 @@ class FlowProbe:
                                   target.latents), self.sizes)
         v, x_t = self.velocity_of(probe, 1.0, rng.standard_normal(probe.target.shape).astype(np.float32))
         shots.append(metrics.score_shot(sem, story, k - 1, decode(x_t - v))[0])
-    return {"characters_drawn": metrics.characters_drawn(shots),
-            "place_accuracy": float(np.mean([s["place_ok"] for s in shots])) if shots else float("nan"),
-            "shots": len(shots)}
+    return _scored(shots)
 
   def drawing_by_shot_size(self, records: Sequence[dict[str, Any]], task: str, decode,
                            seed: int = 0) -> dict[str, dict[str, float | None]]:
@@ -297,10 +295,7 @@ class FlowProbe:
         row = metrics.score_shot(sem, story, k - 1, decode(x_t - v))[0]
         for key in (story.shots[k - 1]["shot_size"], "all"):
           rows.setdefault(key, []).append(row)
-    return {key: {"characters_drawn": metrics.characters_drawn(r),
-                  "agreement": float(np.mean([s["agreement"] for s in r])),
-                  "place_accuracy": float(np.mean([s["place_ok"] for s in r])), "shots": len(r)}
-            for key, r in rows.items()}
+    return {key: _scored(r) for key, r in rows.items()}
 
   def training_sample_drawing(self, records: Sequence[dict[str, Any]], task: str, decode, sampler_steps: int = 2,
                               shift: float = 3.0, samples_per_story: int = 3,
@@ -335,12 +330,18 @@ class FlowProbe:
           x = x - (t - t_next) * self.velocity_at(probe, x, float(t))
         k = next(j for j, lat in enumerate(latents) if np.array_equal(lat, target.latents))
         shots.append(metrics.score_shot(sem, story, k, decode(x))[0])
-    return {"characters_drawn": metrics.characters_drawn(shots),
-            "agreement": float(np.mean([s["agreement"] for s in shots])),
-            "place_accuracy": float(np.mean([s["place_ok"] for s in shots])), "shots": len(shots)}
+    return _scored(shots)
 
   def grid_tokens(self, record) -> int:
     return len(self.planner._image(record["keyframes"][0], noised=True).latents)
+
+
+def _scored(shots: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+  """``{characters_drawn, agreement, place_accuracy, shots}`` of ``metrics.score_shot`` rows (NaN: no shots)."""
+  from unimage_jax.evaluation import metrics
+  mean = lambda key: float(np.mean([s[key] for s in shots])) if shots else float("nan")
+  return {"characters_drawn": metrics.characters_drawn(shots), "agreement": mean("agreement"),
+          "place_accuracy": mean("place_ok"), "shots": len(shots)}
 
 
 def table(stats: dict[str, dict[str, float]], x0_variance: float) -> str:
