@@ -144,10 +144,7 @@ def loss_sums(model, batch, rng: jax.Array, model_cfg: ml_collections.ConfigDict
 
 
 def _flow_weights(batch, noised: jax.Array) -> jax.Array:
-  """[B, Lg] flow-loss weight per latent token: ``gen_loss_weights`` on noised tokens, 0 elsewhere
-  (a batch without the field weighs every noised token 1)."""
-  if "gen_loss_weights" not in batch:
-    return noised.astype(jnp.float32)
+  """[B, Lg] flow-loss weight per latent token: ``gen_loss_weights`` on noised tokens, 0 elsewhere."""
   return jnp.where(noised, batch["gen_loss_weights"].astype(jnp.float32), 0.0)
 
 
